@@ -1,0 +1,1 @@
+"""End-to-end harness: the lab (nodes and pods as network namespaces), scenarios and the demo."""

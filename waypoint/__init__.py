@@ -1,0 +1,1 @@
+"""Waypoints: the manager that turns Gateway objects into waypoint deployments, and the L7 proxy."""

@@ -1,0 +1,1 @@
+"""SPIFFE identities, the local CA, the certificate manager and TLS contexts for HBONE."""

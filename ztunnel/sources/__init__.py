@@ -1,0 +1,1 @@
+"""Configuration sources that feed the state store: the local YAML file (and later xDS)."""

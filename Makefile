@@ -5,9 +5,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup system-deps venv test lint typecheck unit e2e demo bench clean
+.PHONY: setup system-deps venv protos test lint typecheck unit e2e demo bench clean
 
-setup: system-deps venv
+setup: system-deps venv protos
+
+# Generated protobuf/gRPC code is built here, never committed (scripts/gen-protos skips when unchanged).
+protos: venv
+	@$(PY) scripts/gen-protos
 
 system-deps:
 	@scripts/install-system-deps
@@ -20,14 +24,14 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
-lint: venv
+lint: protos
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-typecheck: venv
+typecheck: protos
 	$(VENV)/bin/mypy ztunnel waypoint netfilter e2e bench tests
 
-unit: venv
+unit: protos
 	$(VENV)/bin/pytest -q tests
 
 e2e: setup

@@ -1,0 +1,635 @@
+"""The waypoint manager's controller: informers, a keyed work queue, and level-based reconcilers.
+
+Owns `Informer` (list, then watch with resourceVersion resume; a 410 Gone or a broken stream relists
+and diffs the cache, so no event is lost), and `WaypointManager`, which reconciles three kinds of key:
+
+* ("gateway", ns, name): parse and validate the Gateway, resolve its parametersRef, render, plan
+  against what exists, server-side apply / delete, then write status through the status subresource.
+  An invalid Gateway gets conditions naming what is wrong and nothing is applied or deleted.
+* ("class", name): GatewayClass Accepted for classes whose controllerName is ours.
+* ("bindings",): recompute the binding table from every Namespace, Service, Pod and waypoint and write
+  the istio.io/WaypointBound condition on each Service that changed.
+
+Every reconcile reads current state and converges on it (level-based): a restart re-lists and repeats
+the same deterministic writes, so nothing is duplicated or lost. Failures requeue with capped backoff.
+All decisions are in the pure modules (model, params, render, plan, status, binding); this module only
+moves data between them and the `KubeApi`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import kinds
+from .binding import (
+    BindingTable,
+    NamespaceInfo,
+    ServiceInfo,
+    WaypointInfo,
+    WorkloadInfo,
+    resolve_bindings,
+    waypoint_bound_condition,
+)
+from .kinds import ResourceType
+from .kube import Conflict, Gone, KubeApi, KubeError, NotFound, WatchEvent
+from .model import (
+    BUILTIN_CLASSES,
+    CONTROLLER_NAME,
+    FIELD_MANAGER,
+    GATEWAY_NAME_LABEL,
+    MANAGED_LABEL,
+    MANAGED_VALUE,
+    WAYPOINT_BOUND_CONDITION,
+    WAYPOINT_FOR_LABEL,
+    Gateway,
+    ModelError,
+    Problem,
+    parse_gateway,
+    parse_gateway_class,
+    validate_gateway,
+)
+from .params import Params, ParamsError, parse_params
+from .plan import Plan, plan
+from .render import RenderConfig, RenderError, render
+from .status import Runtime, gateway_class_status, gateway_status, set_condition, without_times
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, ...]
+ObjKey = tuple[str, str]
+MANAGED_SELECTOR = f"{MANAGED_LABEL}={MANAGED_VALUE}"
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    labels = _meta(obj).get("labels")
+    return labels if isinstance(labels, Mapping) else {}
+
+
+def _okey(obj: Mapping[str, Any]) -> ObjKey:
+    meta = _meta(obj)
+    return (str(meta.get("namespace", "")), str(meta.get("name", "")))
+
+
+class Informer:
+    """A cache of one kind kept current by list + watch; calls `on_event(type, obj)` for each change."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        rt: ResourceType,
+        on_event: Callable[[str, Mapping[str, Any]], None],
+        *,
+        label_selector: str | None = None,
+        watch_timeout: int = 300,
+        retry_delay: float = 0.5,
+    ) -> None:
+        self.api = api
+        self.rt = rt
+        self.label_selector = label_selector
+        self.cache: dict[ObjKey, dict[str, Any]] = {}
+        self.synced = asyncio.Event()
+        self.relists = 0
+        """How many times the full list ran (1 + one per Gone/broken watch); for tests and metrics."""
+        self._on_event = on_event
+        self._watch_timeout = watch_timeout
+        self._retry_delay = retry_delay
+
+    async def _relist(self) -> str:
+        items, rv = await self.api.list(self.rt, label_selector=self.label_selector)
+        self.relists += 1
+        fresh = {_okey(o): o for o in items}
+        old = self.cache
+        self.cache = fresh
+        # Diff against the old cache so consumers see deletions that happened while we were away.
+        for key, obj in old.items():
+            if key not in fresh:
+                self._on_event("DELETED", obj)
+        for key, obj in fresh.items():
+            prev = old.get(key)
+            if prev is None or _meta(prev).get("resourceVersion") != _meta(obj).get(
+                "resourceVersion"
+            ):
+                self._on_event("ADDED" if prev is None else "MODIFIED", obj)
+        self.synced.set()
+        return rv
+
+    async def run(self) -> None:
+        rv: str | None = None
+        delay = self._retry_delay
+        while True:
+            try:
+                if rv is None:
+                    rv = await self._relist()
+                async for event in self.api.watch(
+                    self.rt,
+                    resource_version=rv,
+                    label_selector=self.label_selector,
+                    timeout_seconds=self._watch_timeout,
+                ):
+                    rv = event.resource_version or rv
+                    self._apply_event(event)
+                delay = self._retry_delay
+            except Gone:
+                log.info("watch %s: resourceVersion %s is gone; relisting", self.rt.plural, rv)
+                rv = None
+            except KubeError as exc:
+                log.warning("watch %s failed (%s); retrying in %.1fs", self.rt.plural, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                rv = None
+
+    def _apply_event(self, event: WatchEvent) -> None:
+        if event.type == "BOOKMARK":
+            return
+        obj = dict(event.obj)
+        key = _okey(obj)
+        if event.type == "DELETED":
+            self.cache.pop(key, None)
+        else:
+            self.cache[key] = obj
+        self._on_event(event.type, obj)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayReport:
+    """What the last reconcile of one Gateway did; for logs, tests and the CLI."""
+
+    problems: tuple[Problem, ...] = ()
+    foreign: tuple[str, ...] = ()
+    plan: Plan | None = None
+
+
+class WaypointManager:
+    """Gateway API waypoint Gateways in, waypoint objects, status and a binding table out."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        config: RenderConfig | None = None,
+        *,
+        now: Callable[[], str] = utc_now,
+        watch_pods: bool = True,
+        watch_timeout: int = 300,
+        max_backoff: float = 10.0,
+        on_bindings: Callable[[BindingTable], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self.api = api
+        self.config = config or RenderConfig()
+        self.now = now
+        self.binding_table = BindingTable()
+        self.reports: dict[ObjKey, GatewayReport] = {}
+        self._on_bindings = on_bindings
+        self._max_backoff = max_backoff
+        self._queue: asyncio.Queue[Key] = asyncio.Queue()
+        self._pending: set[Key] = set()
+        self._failures: dict[Key, int] = {}
+        self._idle = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._service_labels: dict[ObjKey, dict[str, str]] = {}
+
+        def informer(rt: ResourceType, selector: str | None = None) -> Informer:
+            return Informer(
+                api,
+                rt,
+                self._event_handler(rt),
+                label_selector=selector,
+                watch_timeout=watch_timeout,
+            )
+
+        self.gateways = informer(kinds.GATEWAY)
+        self.classes = informer(kinds.GATEWAY_CLASS)
+        self.namespaces = informer(kinds.NAMESPACE)
+        self.services = informer(kinds.SERVICE)
+        self.configmaps = informer(kinds.CONFIG_MAP)
+        self.pods = informer(kinds.POD) if watch_pods else None
+        # Owned kinds are watched through the managed label only: foreign objects are looked up by name.
+        self.owned: dict[str, Informer] = {
+            rt.kind: informer(rt, MANAGED_SELECTOR)
+            for rt in kinds.OWNED_KINDS
+            if rt is not kinds.SERVICE
+        }
+        self.informers = [
+            self.gateways,
+            self.classes,
+            self.namespaces,
+            self.services,
+            self.configmaps,
+            *self.owned.values(),
+            *([self.pods] if self.pods else []),
+        ]
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start informers and the worker; returns once every cache has listed once."""
+        for inf in self.informers:
+            self._tasks.append(asyncio.create_task(inf.run(), name=f"informer-{inf.rt.plural}"))
+        await asyncio.wait_for(
+            asyncio.gather(*(inf.synced.wait() for inf in self.informers)), timeout=60
+        )
+        self._tasks.append(asyncio.create_task(self._worker(), name="waypoint-manager-worker"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def run_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.gather(*self._tasks)
+        finally:
+            await self.stop()
+
+    async def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until the queue is empty and no reconcile runs (tests; also a readiness signal)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                await self._idle.wait()
+                await asyncio.sleep(0.05)  # let in-flight watch events land and enqueue
+                if self._idle.is_set() and not self._pending:
+                    return
+
+    # --- events -> keys --------------------------------------------------------------------
+
+    def enqueue(self, key: Key) -> None:
+        if key not in self._pending:
+            self._pending.add(key)
+            self._idle.clear()
+            self._queue.put_nowait(key)
+
+    def _event_handler(self, rt: ResourceType) -> Callable[[str, Mapping[str, Any]], None]:
+        def handle(event_type: str, obj: Mapping[str, Any]) -> None:
+            ns, name = _okey(obj)
+            if rt is kinds.GATEWAY:
+                self.enqueue(("gateway", ns, name))
+                self.enqueue(("bindings",))
+            elif rt is kinds.GATEWAY_CLASS:
+                self.enqueue(("class", name))
+                for gns, gname in list(self.gateways.cache):
+                    self.enqueue(("gateway", gns, gname))
+                self.enqueue(("bindings",))
+            elif rt is kinds.CONFIG_MAP:
+                for (gns, gname), gw in list(self.gateways.cache.items()):
+                    ref = ((gw.get("spec") or {}).get("infrastructure") or {}).get(
+                        "parametersRef"
+                    ) or {}
+                    if gns == ns and ref.get("name") == name:
+                        self.enqueue(("gateway", gns, gname))
+            elif rt in (kinds.NAMESPACE, kinds.POD):
+                self.enqueue(("bindings",))
+            else:
+                labels = _labels(obj)
+                if labels.get(MANAGED_LABEL) == MANAGED_VALUE and labels.get(GATEWAY_NAME_LABEL):
+                    self.enqueue(("gateway", ns, labels[GATEWAY_NAME_LABEL]))
+                if rt is kinds.SERVICE and (event_type != "MODIFIED" or self._service_changed(obj)):
+                    self.enqueue(("bindings",))
+
+        return handle
+
+    def _service_changed(self, obj: Mapping[str, Any]) -> bool:
+        # Our own status writes come back as MODIFIED; only label changes matter for bindings.
+        key = _okey(obj)
+        seen = self._service_labels.get(key)
+        return seen is None or seen != dict(_labels(obj))
+
+    async def _worker(self) -> None:
+        while True:
+            if self._queue.empty():
+                self._idle.set()
+            key = await self._queue.get()
+            self._idle.clear()
+            self._pending.discard(key)
+            try:
+                await self.reconcile(key)
+                self._failures.pop(key, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Any failure (API error, bad object, our own bug) retries with backoff: the worker
+                # must never die and leave the cluster unreconciled.
+                attempts = self._failures.get(key, 0) + 1
+                self._failures[key] = attempts
+                delay = min(0.1 * 2**attempts, self._max_backoff)
+                if isinstance(exc, KubeError | ModelError):
+                    level = logging.INFO if isinstance(exc, Conflict) else logging.WARNING
+                    log.log(
+                        level,
+                        "reconcile %s failed (%s); retry %d in %.1fs",
+                        key,
+                        exc,
+                        attempts,
+                        delay,
+                    )
+                else:
+                    log.exception("reconcile %s crashed; retry %d in %.1fs", key, attempts, delay)
+                self._idle.clear()
+                asyncio.get_running_loop().call_later(delay, self.enqueue, key)
+
+    async def reconcile(self, key: Key) -> None:
+        if key[0] == "gateway":
+            await self.reconcile_gateway(key[1], key[2])
+        elif key[0] == "class":
+            await self.reconcile_class(key[1])
+        elif key[0] == "bindings":
+            await self.reconcile_bindings()
+
+    # --- GatewayClass -------------------------------------------------------------------------
+
+    def _class_is_ours(self, class_name: str) -> bool:
+        obj = self.classes.cache.get(("", class_name))
+        if obj is None:
+            # Istio's behaviour: the built-in classes are ours even before their object exists.
+            return class_name in BUILTIN_CLASSES
+        return ((obj.get("spec") or {}).get("controllerName")) == CONTROLLER_NAME
+
+    async def reconcile_class(self, name: str) -> None:
+        obj = self.classes.cache.get(("", name))
+        if obj is None:
+            return
+        try:
+            gc = parse_gateway_class(obj)
+        except ModelError as exc:
+            log.warning("%s", exc)
+            return
+        if gc.controller_name != CONTROLLER_NAME:
+            return
+        previous = obj.get("status") or {}
+        status = gateway_class_status(gc, previous, self.now())
+        if without_times(status.get("conditions")) != without_times(previous.get("conditions")):
+            await self._write_status(
+                kinds.GATEWAY_CLASS, "", name, {"conditions": status["conditions"]}
+            )
+
+    # --- Gateway ------------------------------------------------------------------------------
+
+    def _params(self, gw: Gateway) -> tuple[Params, list[Problem]]:
+        ref = gw.parameters_ref
+        if ref is None:
+            return Params(), []
+        if ref.group != "" or ref.kind != "ConfigMap":
+            return Params(), [
+                Problem(
+                    condition="ResolvedRefs",
+                    reason="InvalidParameters",
+                    message=f"spec.infrastructure.parametersRef: unknown infrastructure parameters type "
+                    f'{ref.group or "core"}/{ref.kind} (only group "", kind ConfigMap)',
+                )
+            ]
+        cm = self.configmaps.cache.get((gw.namespace, ref.name))
+        if cm is None:
+            return Params(), [
+                Problem(
+                    condition="ResolvedRefs",
+                    reason="InvalidParameters",
+                    message=f"spec.infrastructure.parametersRef: ConfigMap {gw.namespace}/{ref.name} does not exist",
+                )
+            ]
+        try:
+            return parse_params(cm), []
+        except ParamsError as exc:
+            return Params(), [
+                Problem(condition="ResolvedRefs", reason="InvalidParameters", message=str(exc))
+            ]
+
+    async def _observed(
+        self, namespace: str, gateway: str, desired: list[dict[str, Any]]
+    ) -> list[Mapping[str, Any]]:
+        """Managed objects of this Gateway (from caches) plus whatever holds a desired name."""
+        found: dict[tuple[str, str], Mapping[str, Any]] = {}
+        for rt in kinds.OWNED_KINDS:
+            cache = self.services.cache if rt is kinds.SERVICE else self.owned[rt.kind].cache
+            for (ns, _), obj in cache.items():
+                labels = _labels(obj)
+                if (
+                    ns == namespace
+                    and labels.get(MANAGED_LABEL) == MANAGED_VALUE
+                    and labels.get(GATEWAY_NAME_LABEL) == gateway
+                ):
+                    found[(rt.kind, _okey(obj)[1])] = {**obj, "kind": rt.kind}
+        for obj in desired:
+            kind, name = obj["kind"], obj["metadata"]["name"]
+            if (kind, name) in found:
+                continue
+            current = await self.api.get(kinds.BY_KIND[kind], namespace, name)
+            if current is not None:
+                found[(kind, name)] = {**current, "kind": kind}
+        return list(found.values())
+
+    async def _execute(self, p: Plan) -> None:
+        for a in p.applies:
+            body: dict[str, Any] = dict(a.obj)
+            if a.resource_version:
+                # Pin the version we planned against: a concurrent writer turns this into a 409 and a retry.
+                body["metadata"] = {**body["metadata"], "resourceVersion": a.resource_version}
+            log.info("apply %s", a.key)
+            await self.api.apply(
+                kinds.BY_KIND[a.key.kind], body, field_manager=FIELD_MANAGER, force=True
+            )
+        for d in p.deletes:
+            log.info("delete %s (no longer rendered)", d.key)
+            await self.api.delete(
+                kinds.BY_KIND[d.key.kind], d.key.namespace, d.key.name, uid=d.uid or None
+            )
+        for f in p.foreign:
+            log.warning("%s", f.reason)
+
+    async def reconcile_gateway(self, namespace: str, name: str) -> None:
+        obj = self.gateways.cache.get((namespace, name))
+        if obj is None or _meta(obj).get("deletionTimestamp"):
+            # Owner references let the garbage collector cascade; prune anyway for objects without one.
+            self.reports.pop((namespace, name), None)
+            await self._execute(
+                plan(namespace, name, [], await self._observed(namespace, name, []))
+            )
+            return
+        class_name = str((obj.get("spec") or {}).get("gatewayClassName", ""))
+        if not self._class_is_ours(class_name):
+            return
+        try:
+            gw = parse_gateway(obj)
+        except ModelError as exc:
+            # Retrying cannot fix a malformed object; say what is wrong and wait for an edit.
+            log.warning("%s", exc)
+            previous = (obj.get("status") or {}).get("conditions") or []
+            generation = _meta(obj).get("generation")
+            conditions = [
+                set_condition(
+                    previous,
+                    type_=type_,
+                    status=False,
+                    reason=reason,
+                    message=str(exc),
+                    generation=generation if isinstance(generation, int) else None,
+                    now=self.now(),
+                )
+                for type_, reason in (("Accepted", "InvalidParameters"), ("Programmed", "Invalid"))
+            ]
+            if without_times(conditions) != without_times(previous):
+                await self._write_status(kinds.GATEWAY, namespace, name, {"conditions": conditions})
+            return
+        problems = validate_gateway(gw)
+        params, param_problems = self._params(gw)
+        problems += param_problems
+        desired: list[dict[str, Any]] = []
+        if not problems:
+            try:
+                desired = render(
+                    gw,
+                    params,
+                    self.config,
+                    params_source=f"ConfigMap {namespace}/{gw.parameters_ref.name}"
+                    if gw.parameters_ref
+                    else "params",
+                )
+            except RenderError as exc:
+                problems.append(
+                    Problem(condition="ResolvedRefs", reason="InvalidParameters", message=str(exc))
+                )
+        p: Plan | None = None
+        foreign: tuple[str, ...] = ()
+        if not problems:
+            # Nothing half-made: writes happen only for a Gateway that fully validated and rendered.
+            p = plan(namespace, name, desired, await self._observed(namespace, name, desired))
+            await self._execute(p)
+            foreign = tuple(f.reason for f in p.foreign)
+        self.reports[(namespace, name)] = GatewayReport(
+            problems=tuple(problems), foreign=foreign, plan=p
+        )
+        await self._write_gateway_status(gw, obj, problems, foreign)
+
+    def _runtime(self, gw: Gateway) -> Runtime:
+        dep = self.owned[kinds.DEPLOYMENT.kind].cache.get(gw.key) or {}
+        svc = self.services.cache.get(gw.key) or {}
+        if _labels(svc).get(MANAGED_LABEL) != MANAGED_VALUE:
+            svc = {}
+        ready = int((dep.get("status") or {}).get("readyReplicas") or 0)
+        spec = svc.get("spec") or {}
+        ips = [
+            ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")] if ip and ip != "None"
+        ]
+        return Runtime(ready_replicas=ready, cluster_ips=tuple(ips))
+
+    async def _write_gateway_status(
+        self, gw: Gateway, obj: Mapping[str, Any], problems: list[Problem], foreign: tuple[str, ...]
+    ) -> None:
+        previous = obj.get("status") or {}
+        status = gateway_status(
+            gw,
+            problems=problems,
+            foreign=foreign,
+            runtime=self._runtime(gw),
+            previous=previous,
+            now=self.now(),
+            cluster_domain=self.config.cluster_domain,
+        )
+        if without_times(status) != without_times(
+            {k: previous[k] for k in status if k in previous}
+        ):
+            await self._write_status(kinds.GATEWAY, gw.namespace, gw.name, status)
+
+    async def _write_status(
+        self, rt: ResourceType, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> None:
+        meta: dict[str, Any] = {"name": name}
+        if namespace:
+            meta["namespace"] = namespace
+        body = {
+            "apiVersion": rt.api_version,
+            "kind": rt.kind,
+            "metadata": meta,
+            "status": dict(status),
+        }
+        try:
+            await self.api.apply(
+                rt, body, field_manager=FIELD_MANAGER, force=True, subresource="status"
+            )
+        except NotFound:
+            pass  # deleted meanwhile: nothing to report on
+
+    # --- bindings ----------------------------------------------------------------------------
+
+    def _waypoints(self) -> list[WaypointInfo]:
+        out = []
+        for obj in self.gateways.cache.values():
+            class_name = str((obj.get("spec") or {}).get("gatewayClassName", ""))
+            if not self._class_is_ours(class_name):
+                continue
+            try:
+                gw = parse_gateway(obj)
+            except ModelError:
+                continue
+            addresses = tuple(
+                (str(a.get("type", "IPAddress")), str(a.get("value", "")))
+                for a in (obj.get("status") or {}).get("addresses") or []
+            )
+            gc = self.classes.cache.get(("", class_name)) or {}
+            out.append(
+                WaypointInfo(
+                    gateway=gw,
+                    addresses=addresses,
+                    class_waypoint_for=_labels(gc).get(WAYPOINT_FOR_LABEL),
+                )
+            )
+        return out
+
+    async def reconcile_bindings(self) -> None:
+        workloads = []
+        if self.pods is not None:
+            for pod in self.pods.cache.values():
+                ns, name = _okey(pod)
+                sa = str((pod.get("spec") or {}).get("serviceAccountName") or "default")
+                workloads.append(
+                    WorkloadInfo(
+                        namespace=ns, name=name, service_account=sa, labels=dict(_labels(pod))
+                    )
+                )
+        table = resolve_bindings(
+            namespaces=[
+                NamespaceInfo(name=_okey(o)[1], labels=dict(_labels(o)))
+                for o in self.namespaces.cache.values()
+            ],
+            services=[
+                ServiceInfo(namespace=k[0], name=k[1], labels=dict(_labels(o)))
+                for k, o in self.services.cache.items()
+            ],
+            workloads=workloads,
+            waypoints=self._waypoints(),
+        )
+        self.binding_table = table
+        if self._on_bindings is not None:
+            result = self._on_bindings(table)
+            if result is not None:
+                await result
+        for key, svc in list(self.services.cache.items()):
+            if _labels(svc).get(MANAGED_LABEL) == MANAGED_VALUE:
+                continue
+            self._service_labels[key] = dict(_labels(svc))
+            conditions = (svc.get("status") or {}).get("conditions") or []
+            current = next(
+                (c for c in conditions if c.get("type") == WAYPOINT_BOUND_CONDITION), None
+            )
+            wanted = waypoint_bound_condition(table.services.get(key), conditions, self.now())
+            if without_times(current) == without_times(wanted):
+                continue
+            # Server-side apply of just our condition: others' conditions stay; applying none removes ours.
+            status: dict[str, Any] = {"conditions": [wanted]} if wanted else {}
+            await self._write_status(kinds.SERVICE, key[0], key[1], status)

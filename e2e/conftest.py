@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-REQUIRED_TOOLS = ("ip", "iptables", "iptables-restore", "nft")
+REQUIRED_TOOLS = ("ip", "iptables", "iptables-restore", "nft", "nsenter")
 
 
 def _missing_capability() -> str | None:

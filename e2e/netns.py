@@ -8,11 +8,16 @@ Kernel names are short (IFNAMSIZ 15), so keep the parts short.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def new_run_prefix() -> str:
@@ -103,3 +108,37 @@ def netns_set(prefix: str | None = None) -> Iterator[NetnsSet]:
 def in_netns_env() -> dict[str, str]:
     """Environment for subprocesses started inside lab namespaces."""
     return dict(os.environ)
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def in_netns(path: str, fn: Callable[[], T]) -> T:
+    """Run `fn` in a short-lived thread that has entered the netns at `path`; return its result.
+
+    setns(2) only moves the calling thread, so the test's own thread never changes namespace.
+    Sockets keep the namespace they were created in, so a socket made by `fn` can then be used
+    from any thread: `in_netns(p, lambda: socket.socket())` gives a socket living in that netns.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def runner() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(path, "rb") as handle:
+                if libc.setns(handle.fileno(), _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({path}): {os.strerror(err)}")
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=runner, name=f"netns:{path}", daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    if thread.is_alive():
+        raise TimeoutError(f"in_netns({path}) did not finish within 30 s")
+    if error:
+        raise error[0]
+    return result[0]

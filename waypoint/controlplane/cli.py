@@ -1,0 +1,232 @@
+"""Process wiring of the manager as control plane: flags, connections, leader-gated waypoint controller.
+
+Owns `add_arguments(parser)` (the control-plane flags, for `waypoint manager` to include),
+`run(args, ...)` (start the control plane: watches -> xDS on `--xds-address`, the Istio CA on the
+same gRPC port; run the waypoint controller only while this replica holds the Lease) and `main()`
+(`python -m waypoint.controlplane.cli`, the same thing standalone). Decisions live elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+
+from waypoint.controlplane.authn import TokenReviewAuthenticator
+from waypoint.controlplane.leader import LeaderElector
+from waypoint.controlplane.service import ControlPlane, ControlPlaneConfig
+from waypoint.controlplane.translate import (
+    DEFAULT_CLUSTER_ID,
+    DEFAULT_ROOT_NAMESPACE,
+    TranslateConfig,
+)
+from waypoint.manager.kube import KubeApi
+from ztunnel.config import DEFAULT_TRUST_DOMAIN
+from ztunnel.identity.ca import LocalCa
+
+log = logging.getLogger("waypoint.controlplane")
+
+# Something with start()/stop(): the waypoint controller (waypoint.manager.controller.WaypointManager).
+Startable = Callable[[], Coroutine[Any, Any, None]]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The control-plane flags (defaults from the environment the Deployment sets)."""
+    env = os.environ.get
+    g = parser.add_argument_group("control plane")
+    g.add_argument(
+        "--xds-address",
+        default=env("XDS_LISTEN_ADDRESS", "0.0.0.0:15012"),
+        help="gRPC listen address for delta xDS and the CA ('' disables the control plane)",
+    )
+    g.add_argument(
+        "--tls-cert-chain", type=Path, default=None, help="serving certificate chain PEM"
+    )
+    g.add_argument("--tls-key", type=Path, default=None, help="serving private key PEM")
+    g.add_argument(
+        "--ca-dir",
+        type=Path,
+        default=Path(os.environ["CA_DIR"]) if os.environ.get("CA_DIR") else None,
+        help="CA directory (ca-cert.pem, ca-key.pem, root-cert.pem); default: an in-memory CA",
+    )
+    g.add_argument("--cluster-id", default=env("CLUSTER_ID", DEFAULT_CLUSTER_ID))
+    g.add_argument("--mesh-trust-domain", default=env("TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN))
+    g.add_argument("--mesh-cluster-domain", default=env("CLUSTER_DOMAIN", "cluster.local"))
+    g.add_argument("--root-namespace", default=env("ROOT_NAMESPACE", DEFAULT_ROOT_NAMESPACE))
+    g.add_argument(
+        "--leader-elect",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gate the waypoint controller's writes on a Lease (several replicas)",
+    )
+    g.add_argument("--lease-namespace", default=env("POD_NAMESPACE", DEFAULT_ROOT_NAMESPACE))
+    g.add_argument("--lease-name", default="waypoint-manager")
+    g.add_argument(
+        "--identity", default=env("POD_NAME") or socket.gethostname(), help="leader identity"
+    )
+
+
+async def api_client(kubeconfig: str | None, context: str | None = None) -> k8s.ApiClient:
+    """A raw kubernetes_asyncio client (TokenReview, Leases) from a kubeconfig or in-cluster."""
+    configuration = k8s.Configuration()
+    if kubeconfig:
+        await k8s_config.load_kube_config(
+            config_file=kubeconfig, context=context, client_configuration=configuration
+        )
+    else:
+        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    return k8s.ApiClient(configuration)
+
+
+def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
+    if args.tls_cert_chain is None and args.tls_key is None:
+        return None
+    if args.tls_cert_chain is None or args.tls_key is None:
+        raise SystemExit("--tls-cert-chain and --tls-key go together")
+    try:
+        chain, key = args.tls_cert_chain.read_bytes(), args.tls_key.read_bytes()
+    except OSError as err:
+        raise SystemExit(f"cannot read serving certificate: {err}") from None
+    return grpc.ssl_server_credentials([(key, chain)])
+
+
+async def run(
+    args: argparse.Namespace,
+    api: KubeApi,
+    raw: k8s.ApiClient,
+    stop: asyncio.Event,
+    *,
+    start_controller: Startable | None = None,
+    stop_controller: Startable | None = None,
+    on_serving: Callable[[ControlPlane, int], None] | None = None,
+) -> None:
+    """Run the control plane until `stop` is set; the controller runs only while leader.
+
+    `start_controller`/`stop_controller` are e.g. a `WaypointManager`'s start and stop;
+    `on_serving(plane, port)` is called once xDS and the CA accept connections.
+    """
+    plane: ControlPlane | None = None
+    if args.xds_address:
+        plane = ControlPlane(
+            api,
+            ControlPlaneConfig(
+                translate=TranslateConfig(
+                    cluster_id=args.cluster_id,
+                    cluster_domain=args.mesh_cluster_domain,
+                    trust_domain=args.mesh_trust_domain,
+                    root_namespace=args.root_namespace,
+                )
+            ),
+        )
+        await plane.start()
+        if args.ca_dir is not None:
+            ca = LocalCa.load(args.ca_dir, trust_domain=args.mesh_trust_domain)
+        else:
+            log.warning(
+                "no --ca-dir: certificates are signed by an in-memory CA (tests and labs only)"
+            )
+            ca = LocalCa.generate(args.mesh_trust_domain)
+        authenticator = TokenReviewAuthenticator(
+            raw, plane.pod, trust_domain=args.mesh_trust_domain
+        )
+        credentials = _server_credentials(args)
+        if credentials is None:
+            log.warning("xDS and CA served in plaintext (no --tls-cert-chain/--tls-key)")
+        port = await plane.serve(
+            args.xds_address, ca=plane.ca_service(ca, authenticator), credentials=credentials
+        )
+        log.info("control plane serving xDS and CA on port %d", port)
+        if on_serving is not None:
+            on_serving(plane, port)
+
+    controller_task: asyncio.Task[None] | None = None
+
+    async def started() -> None:
+        nonlocal controller_task
+        if start_controller is not None:
+            # In a task: the controller's first sync must not hold up Lease renewals.
+            controller_task = asyncio.create_task(start_controller())
+
+    async def stopped() -> None:
+        nonlocal controller_task
+        task, controller_task = controller_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if stop_controller is not None:
+            await stop_controller()
+
+    elector_task: asyncio.Task[None] | None = None
+    try:
+        if start_controller is not None:
+            if args.leader_elect:
+                elector = LeaderElector(
+                    raw,
+                    namespace=args.lease_namespace,
+                    name=args.lease_name,
+                    identity=args.identity,
+                    on_started=started,
+                    on_stopped=stopped,
+                )
+                elector_task = asyncio.create_task(elector.run())
+            else:
+                await started()
+        await stop.wait()
+    finally:
+        if elector_task is not None:
+            elector_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await elector_task
+        else:
+            await stopped()
+        if plane is not None:
+            await plane.stop()
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from waypoint.manager.client import connect
+
+    api = await connect(args.kubeconfig, context=args.context)
+    raw = await api_client(args.kubeconfig, args.context)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await run(args, api, raw, stop)
+    finally:
+        await raw.close()
+        await api.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone control plane (no waypoint controller): `python -m waypoint.controlplane.cli`."""
+    parser = argparse.ArgumentParser(prog="waypoint-controlplane", description=__doc__)
+    parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None)
+    parser.add_argument("--context", default=None)
+    parser.add_argument("--log-level", default="INFO")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return asyncio.run(_main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -169,7 +169,9 @@ class _Invalid(Exception):
     """Internal: abandon the current field (the issue is already recorded)."""
 
 
-_TOP = {"workloads", "services", "policies", "node"}
+# The waypoint proxy shares the file and reads the L7 sections; ztunnel accepts and ignores them.
+L7_SECTIONS = frozenset({"httpRoutes", "grpcRoutes", "authorizationPolicies"})
+_TOP = {"workloads", "services", "policies", "node", *L7_SECTIONS}
 _WORKLOAD = {
     "uid", "name", "namespace", "workloadIps", "hostname", "network", "protocol", "trustDomain",
     "serviceAccount", "node", "waypoint", "networkGateway", "canonicalName", "canonicalRevision",

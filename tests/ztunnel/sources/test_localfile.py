@@ -161,3 +161,18 @@ def test_arbitrary_text_is_config_or_error(text):
     except LocalConfigError as err:
         issues = err.issues  # every failure carries at least one located issue
     assert issues
+
+
+def test_l7_sections_of_a_shared_file_are_ignored():
+    # The waypoint proxy reads routes and L7 policies from the same file; ztunnel skips them.
+    cfg = parse_local_config(
+        """
+workloads: []
+httpRoutes:
+- {apiVersion: gateway.networking.k8s.io/v1, kind: HTTPRoute, metadata: {name: r}}
+grpcRoutes: []
+authorizationPolicies: []
+""",
+        source="shared.yaml",
+    )
+    assert cfg.workloads == ()

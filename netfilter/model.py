@@ -228,8 +228,10 @@ class CtZone:
     zone: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.zone, bool) or not 0 <= self.zone <= 0xFFFF:
-            raise ConfigError(f"CtZone.zone: {self.zone!r} is not a zone (0-65535)")
+        # Zone 0 is the default zone: a rule "moving" a flow there does nothing, and iptables-save
+        # prints it without --zone, so it could not be verified. Only real zones are accepted.
+        if isinstance(self.zone, bool) or not 1 <= self.zone <= 0xFFFF:
+            raise ConfigError(f"CtZone.zone: {self.zone!r} is not a zone (1-65535)")
 
 
 Target = Accept | Return | Jump | Redirect | TProxy | ConnmarkSet | ConnmarkRestore | CtZone

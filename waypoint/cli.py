@@ -1,9 +1,17 @@
-"""The `waypoint` command: `waypoint manager` (the cluster controller) and `waypoint proxy` (the L7 proxy).
+"""The `waypoint` command: `waypoint manager` (controller + control plane) and `waypoint proxy` (L7 proxy).
 
 Owns argument parsing and process wiring only. `manager` connects with `--kubeconfig PATH` (or the
-in-cluster service account when omitted) and runs `WaypointManager` until SIGTERM/SIGINT. `proxy`
-hands its arguments to `waypoint.proxy.cli:main`, imported lazily so the manager image does not need
-the proxy's dependencies (and the other way round).
+in-cluster service account when omitted) and runs, in one process over one `WatchCache`:
+
+* the control plane (`waypoint.controlplane`): delta xDS and the Istio CA on `--xds-address`,
+  always, on every replica;
+* the `WaypointManager`, only while this replica holds the Lease (`--leader-elect`, default on);
+* the monitoring endpoint (`waypoint.manager.health`) on `--monitoring-address`.
+
+It stops on SIGTERM/SIGINT (releasing the Lease). `run_manager(args, stop, status)` is the async
+entry point tests drive in-process. `proxy` hands its arguments to `waypoint.proxy.cli:main`,
+imported lazily so the manager image does not need the proxy's dependencies (and the other way
+round).
 """
 
 from __future__ import annotations
@@ -18,13 +26,22 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from waypoint.manager.binding import BindingTable
 from waypoint.manager.render import RenderConfig
 
+if TYPE_CHECKING:
+    from waypoint.controlplane.cli import RunStatus
+    from waypoint.manager.controller import WatchCache, WaypointManager
+    from waypoint.manager.health import HealthServer, MetricsSnapshot
 
-def _manager_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+
+def _manager_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     defaults = RenderConfig()
     p = sub.add_parser(
         "manager", help="run the waypoint manager (Gateway API waypoints -> Deployments)"
@@ -45,14 +62,75 @@ def _manager_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--binding-table", type=Path, default=None, help="write the binding table as JSON here"
     )
+    p.add_argument(
+        "--monitoring-address",
+        default=f"0.0.0.0:{DEFAULT_MONITORING_PORT}",
+        help="HOST:PORT of /healthz, /readyz and /metrics ('' disables)",
+    )
     p.add_argument("--log-level", default="INFO")
+    # Lazy: the control-plane modules pull in grpc and the generated protos.
+    from waypoint.controlplane.cli import add_arguments
+
+    add_arguments(p)
+    return p
 
 
-async def _run_manager(args: argparse.Namespace) -> int:
+DEFAULT_MONITORING_PORT = 15014
+
+
+@dataclass(slots=True)
+class ManagerStatus:
+    """What one `waypoint manager` runs; filled in by `run_manager` (health, metrics, tests)."""
+
+    control: RunStatus
+    cache: WatchCache | None = None
+    manager: WaypointManager | None = None
+    health: HealthServer | None = None
+
+    def not_ready(self) -> str | None:
+        """None when ready (caches listed, first xDS snapshot out), else why not."""
+        if self.cache is None or not self.cache.synced:
+            return "watch caches not synced"
+        plane = self.control.plane
+        if plane is not None and not (plane.ready and self.control.serving.is_set()):
+            return "control plane not serving yet"
+        return None
+
+    def snapshot(self) -> MetricsSnapshot:
+        from waypoint.manager.health import MetricsSnapshot
+
+        plane, ca, manager = self.control.plane, self.control.ca, self.manager
+        return MetricsSnapshot(
+            leader=self.control.is_leader,
+            reconciles=manager.reconciles if manager else 0,
+            reconcile_errors=manager.reconcile_errors if manager else 0,
+            xds_clients=len(plane.xds.clients) if plane else 0,
+            xds_acks=plane.xds.acks if plane else 0,
+            xds_nacks=len(plane.xds.nacks) if plane else 0,
+            certificates_signed=ca.issued if ca else 0,
+            certificates_refused=ca.refused if ca else 0,
+            informer_relists={
+                inf.rt.plural
+                + (f"?{inf.label_selector}" if inf.label_selector else ""): inf.relists
+                for inf in (self.cache.informers if self.cache else [])
+            },
+        )
+
+
+async def run_manager(
+    args: argparse.Namespace, stop: asyncio.Event, status: ManagerStatus | None = None
+) -> int:
+    """Run the whole manager process until `stop` is set (the async entry point)."""
+    from waypoint.controlplane.cli import RunStatus, api_client, run
     from waypoint.manager.client import connect
-    from waypoint.manager.controller import WaypointManager
+    from waypoint.manager.controller import WatchCache, WaypointManager
+    from waypoint.manager.health import HealthServer
 
+    status = status if status is not None else ManagerStatus(control=RunStatus())
     api = await connect(args.kubeconfig, context=args.context)
+    raw = await api_client(args.kubeconfig, args.context)
+    cache = WatchCache(api)
+    status.cache = cache
     path: Path | None = args.binding_table
 
     def publish(table: BindingTable) -> None:
@@ -71,20 +149,73 @@ async def _run_manager(args: argparse.Namespace) -> int:
         ),
         watch_pods=not args.no_watch_pods,
         on_bindings=publish,
+        cache=cache,  # one watch per kind, shared with the control plane
     )
+    status.manager = manager
+    health: HealthServer | None = None
+    try:
+        if args.monitoring_address:
+            # Up before the caches sync: liveness answers at once, readiness says why not yet.
+            health = HealthServer(ready=status.not_ready, snapshot=status.snapshot)
+            port = await health.start(args.monitoring_address)
+            status.health = health
+            logging.getLogger("waypoint.manager").info("monitoring on port %d", port)
+        cache.start()
+        logging.getLogger("waypoint.manager").info("waypoint manager running")
+        await run(
+            args,
+            api,
+            raw,
+            stop,
+            start_controller=manager.start,
+            stop_controller=manager.stop,
+            cache=cache,
+            status=status.control,
+        )
+    finally:
+        await manager.stop()
+        await cache.stop()
+        if health is not None:
+            await health.stop()
+        await raw.close()
+        await api.close()
+    return 0
+
+
+async def _run_manager(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    try:
-        await manager.start()
-        logging.getLogger("waypoint.manager").info("waypoint manager running")
-        await stop.wait()
-    finally:
-        await manager.stop()
-        await api.close()
-    return 0
+    return await run_manager(args, stop)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The `waypoint` parser and its `manager` subparser (for flag errors)."""
+    parser = argparse.ArgumentParser(
+        prog="waypoint", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    manager_parser = _manager_parser(sub)
+    sub.add_parser("proxy", help="run the waypoint L7 proxy (flags: waypoint proxy --help)")
+    return parser, manager_parser
+
+
+def parse_manager_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse and check `waypoint manager ...` arguments (argv without the program name)."""
+    from waypoint.controlplane.cli import check_arguments
+    from waypoint.manager.health import parse_listen_address
+
+    parser, manager_parser = build_parser()
+    args = parser.parse_args(list(argv))
+    check_arguments(manager_parser, args)
+    if args.monitoring_address:
+        try:
+            parse_listen_address(args.monitoring_address, flag="--monitoring-address")
+        except ValueError as err:
+            manager_parser.error(str(err))
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,13 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Lazy: the proxy is a separate program with its own flags.
         proxy_main = importlib.import_module("waypoint.proxy.cli").main
         return int(proxy_main(argv[1:]) or 0)
-    parser = argparse.ArgumentParser(
-        prog="waypoint", description=__doc__.splitlines()[0] if __doc__ else None
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    _manager_parser(sub)
-    sub.add_parser("proxy", help="run the waypoint L7 proxy (flags: waypoint proxy --help)")
-    args = parser.parse_args(argv)
+    args = parse_manager_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

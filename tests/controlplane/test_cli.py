@@ -99,3 +99,62 @@ async def test_run_serves_and_runs_the_controller_only_while_leader(tmp_path: Pa
     lease = server.get_object("coordination.k8s.io/v1", "Lease", "waypoint-manager", "istio-system")
     assert lease is not None
     assert lease["spec"]["holderIdentity"] == ""  # released for the next replica
+
+
+def test_lease_timings_are_flags_with_client_go_defaults() -> None:
+    args = _args("--lease-duration", "3", "--renew-deadline", "2", "--retry-period", "0.5")
+    assert (args.lease_duration, args.renew_deadline, args.retry_period) == (3, 2.0, 0.5)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    cli.check_arguments(parser, args)  # consistent: no exit
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lease-duration", "2", "--renew-deadline", "5"], "--renew-deadline 5.0"),
+        (["--tls-cert-chain", "/c.pem"], "--tls-cert-chain and --tls-key go together"),
+        (["--identity", ""], "--identity: empty"),
+    ],
+    ids=["renew-past-lease", "half-tls", "no-identity"],
+)
+def test_check_arguments_names_the_bad_flag(argv: list[str], message: str, capsys) -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        cli.check_arguments(parser, parser.parse_args(argv))
+    assert message in capsys.readouterr().err
+
+
+async def test_run_status_reports_serving_and_leadership(tmp_path: Path) -> None:
+    server = FakeApiServer()
+    await server.start()
+    kubeconfig = str(server.write_kubeconfig(tmp_path / "kubeconfig"))
+    api = await connect(kubeconfig)
+    raw = await cli.api_client(kubeconfig)
+    stop = asyncio.Event()
+    status = cli.RunStatus()
+
+    async def noop() -> None:
+        return None
+
+    args = _args("--xds-address", "127.0.0.1:0", "--no-leader-elect")
+    task = asyncio.create_task(
+        cli.run(args, api, raw, stop, start_controller=noop, stop_controller=noop, status=status)
+    )
+    try:
+        await asyncio.wait_for(status.serving.wait(), 10)
+        assert status.port
+        assert status.plane is not None
+        assert status.ca is not None
+        async with asyncio.timeout(5):
+            while not status.is_leader:  # without election the controller always runs
+                await asyncio.sleep(0.02)
+        assert status.elector is None
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await raw.close()
+        await api.close()
+        await server.stop()
+    assert not status.is_leader

@@ -209,3 +209,85 @@ async def test_service_with_endpoints_and_waypoint(
     wp = addresses[key].service.waypoint
     assert wp.hostname.hostname == "waypoint.shop.svc.cluster.local"
     assert wp.hbone_mtls_port == 15008
+
+
+async def test_shared_cache_serves_both_consumers_and_outlives_the_controller(
+    server: FakeApiServer, kube: AsyncKubeClient
+) -> None:
+    from waypoint.manager.controller import WatchCache, WaypointManager
+
+    cache = WatchCache(kube, watch_timeout=5)
+    cp = ControlPlane(kube, ControlPlaneConfig(debounce_seconds=0.02), cache=cache)
+    manager = WaypointManager(kube, cache=cache)
+    try:
+        await cp.start(sync_timeout=10)
+        # One informer per kind: the controller listens to the control plane's, not its own.
+        assert manager.pods is cp.informers["Pod"]
+        assert manager.services is cp.informers["Service"]
+        keys = [(i.rt.plural, i.label_selector) for i in cache.informers]
+        assert len(keys) == len(set(keys))
+
+        # The controller joins a synced cache (as on gaining leadership): it gets a replay.
+        server.put_object(
+            {
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "Gateway",
+                "metadata": {"name": "waypoint", "namespace": "shop"},
+                "spec": {
+                    "gatewayClassName": "istio-waypoint",
+                    "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+                },
+            }
+        )
+        await asyncio.sleep(0.1)
+        await manager.start()
+        await manager.wait_idle()
+        assert server.get_object("apps/v1", "Deployment", "waypoint", "shop") is not None
+
+        # Losing leadership stops the controller only; the watches keep feeding xDS.
+        await manager.stop()
+        assert cache.running
+        before = cp.rebuilds
+        server.put_object(o.pod("late", ip="10.1.0.9"))
+        async with asyncio.timeout(5):
+            while "Kubernetes//Pod/shop/late" not in (
+                cp.translation.workloads if cp.translation else {}
+            ):
+                await asyncio.sleep(0.02)
+        assert cp.rebuilds > before
+
+        # Regaining it replays again: a Gateway made while stopped is reconciled.
+        server.delete_object("apps/v1", "Deployment", "waypoint", "shop")
+        await manager.start()
+        await manager.wait_idle()
+        assert server.get_object("apps/v1", "Deployment", "waypoint", "shop") is not None
+    finally:
+        await manager.stop()
+        await cp.stop()
+        await cache.stop()
+
+
+async def test_a_failing_listener_does_not_starve_the_others(
+    server: FakeApiServer, kube: AsyncKubeClient
+) -> None:
+    from waypoint.manager import kinds
+    from waypoint.manager.controller import WatchCache
+
+    cache = WatchCache(kube, watch_timeout=5)
+    inf = cache.informer(kinds.POD)
+    seen: list[str] = []
+
+    def broken(_type: str, _obj: Mapping[str, Any]) -> None:
+        raise RuntimeError("consumer bug")
+
+    inf.add_listener(broken)
+    inf.add_listener(lambda t, obj: seen.append(obj["metadata"]["name"]))
+    cache.start()
+    try:
+        await cache.wait_synced(timeout=5)
+        server.put_object(o.pod("p1", ip="10.1.0.11"))
+        async with asyncio.timeout(5):
+            while "p1" not in seen:
+                await asyncio.sleep(0.02)
+    finally:
+        await cache.stop()

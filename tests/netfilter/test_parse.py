@@ -192,7 +192,7 @@ def rules(draw, family: Family, table: str, chain: str, ours: list[str]) -> Rule
         if proto and (chain == "PREROUTING" or chain not in BUILTIN_CHAINS[table]):
             targets.append(st.builds(lambda p, m: TProxy(port=p, mark=m), PORTS, MARKS))
     if table == "raw":
-        targets.append(st.integers(0, 65535).map(lambda z: CtZone(zone=z)))
+        targets.append(st.integers(1, 65535).map(lambda z: CtZone(zone=z)))
     return Rule(
         family=family,
         table=table,

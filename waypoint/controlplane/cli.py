@@ -1,9 +1,12 @@
 """Process wiring of the manager as control plane: flags, connections, leader-gated waypoint controller.
 
-Owns `add_arguments(parser)` (the control-plane flags, for `waypoint manager` to include),
-`run(args, ...)` (start the control plane: watches -> xDS on `--xds-address`, the Istio CA on the
-same gRPC port; run the waypoint controller only while this replica holds the Lease) and `main()`
-(`python -m waypoint.controlplane.cli`, the same thing standalone). Decisions live elsewhere.
+Owns `add_arguments(parser)` / `check_arguments(parser, args)` (the control-plane flags, which
+`waypoint manager` includes), `run(args, ...)` (start the control plane: watches -> xDS on
+`--xds-address`, the Istio CA on the same gRPC port; run the waypoint controller only while this
+replica holds the Lease; report what runs through a `RunStatus`) and `main()`
+(`python -m waypoint.controlplane.cli`, the control plane alone, without the waypoint controller).
+`waypoint manager` (waypoint/cli.py) passes its `WatchCache` in so the controller and the control
+plane share one watch per kind. Decisions live elsewhere.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 
 from waypoint.controlplane.authn import TokenReviewAuthenticator
+from waypoint.controlplane.ca_server import IstioCaService
 from waypoint.controlplane.leader import LeaderElector
 from waypoint.controlplane.service import ControlPlane, ControlPlaneConfig
 from waypoint.controlplane.translate import (
@@ -32,6 +37,7 @@ from waypoint.controlplane.translate import (
     DEFAULT_ROOT_NAMESPACE,
     TranslateConfig,
 )
+from waypoint.manager.controller import WatchCache
 from waypoint.manager.kube import KubeApi
 from ztunnel.config import DEFAULT_TRUST_DOMAIN
 from ztunnel.identity.ca import LocalCa
@@ -76,6 +82,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--identity", default=env("POD_NAME") or socket.gethostname(), help="leader identity"
     )
+    # client-go's defaults; tests shorten them to see a handover quickly.
+    g.add_argument(
+        "--lease-duration",
+        type=int,
+        default=15,
+        help="seconds a standby waits after the last renewal before taking the Lease",
+    )
+    g.add_argument(
+        "--renew-deadline",
+        type=float,
+        default=10.0,
+        help="seconds the leader keeps trying to renew before it steps down",
+    )
+    g.add_argument(
+        "--retry-period", type=float, default=2.0, help="seconds between election attempts"
+    )
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject flag combinations `run` cannot honour (exits through `parser.error`)."""
+    if (args.tls_cert_chain is None) != (args.tls_key is None):
+        parser.error("--tls-cert-chain and --tls-key go together")
+    if args.leader_elect:
+        if args.lease_duration < 1:
+            parser.error(f"--lease-duration {args.lease_duration}: must be at least 1 second")
+        if not 0 < args.renew_deadline < args.lease_duration:
+            parser.error(
+                f"--renew-deadline {args.renew_deadline}: must be between 0 and "
+                f"--lease-duration {args.lease_duration}"
+            )
+        if not 0 < args.retry_period < args.renew_deadline:
+            parser.error(
+                f"--retry-period {args.retry_period}: must be between 0 and "
+                f"--renew-deadline {args.renew_deadline}"
+            )
+        if not args.identity:
+            parser.error("--identity: empty (set POD_NAME or pass --identity)")
+
+
+@dataclass(slots=True)
+class RunStatus:
+    """What `run` has started, for health/metrics and tests; filled in as things come up."""
+
+    plane: ControlPlane | None = None
+    ca: IstioCaService | None = None
+    port: int | None = None
+    """The bound xDS/CA port (None: not serving, e.g. `--xds-address ''`)."""
+    elector: LeaderElector | None = None
+    controller_running: bool = False
+    """True between the controller's start and stop (always, without leader election)."""
+    serving: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.controller_running
 
 
 async def api_client(kubeconfig: str | None, context: str | None = None) -> k8s.ApiClient:
@@ -111,56 +172,29 @@ async def run(
     start_controller: Startable | None = None,
     stop_controller: Startable | None = None,
     on_serving: Callable[[ControlPlane, int], None] | None = None,
+    cache: WatchCache | None = None,
+    status: RunStatus | None = None,
 ) -> None:
     """Run the control plane until `stop` is set; the controller runs only while leader.
 
     `start_controller`/`stop_controller` are e.g. a `WaypointManager`'s start and stop;
-    `on_serving(plane, port)` is called once xDS and the CA accept connections.
+    `on_serving(plane, port)` is called once xDS and the CA accept connections. `cache` is the
+    process's shared watch cache (owned by the caller); `status` is filled in as things start.
     """
+    status = status if status is not None else RunStatus()
     plane: ControlPlane | None = None
-    if args.xds_address:
-        plane = ControlPlane(
-            api,
-            ControlPlaneConfig(
-                translate=TranslateConfig(
-                    cluster_id=args.cluster_id,
-                    cluster_domain=args.mesh_cluster_domain,
-                    trust_domain=args.mesh_trust_domain,
-                    root_namespace=args.root_namespace,
-                )
-            ),
-        )
-        await plane.start()
-        if args.ca_dir is not None:
-            ca = LocalCa.load(args.ca_dir, trust_domain=args.mesh_trust_domain)
-        else:
-            log.warning(
-                "no --ca-dir: certificates are signed by an in-memory CA (tests and labs only)"
-            )
-            ca = LocalCa.generate(args.mesh_trust_domain)
-        authenticator = TokenReviewAuthenticator(
-            raw, plane.pod, trust_domain=args.mesh_trust_domain
-        )
-        credentials = _server_credentials(args)
-        if credentials is None:
-            log.warning("xDS and CA served in plaintext (no --tls-cert-chain/--tls-key)")
-        port = await plane.serve(
-            args.xds_address, ca=plane.ca_service(ca, authenticator), credentials=credentials
-        )
-        log.info("control plane serving xDS and CA on port %d", port)
-        if on_serving is not None:
-            on_serving(plane, port)
-
     controller_task: asyncio.Task[None] | None = None
 
     async def started() -> None:
         nonlocal controller_task
+        status.controller_running = True
         if start_controller is not None:
             # In a task: the controller's first sync must not hold up Lease renewals.
-            controller_task = asyncio.create_task(start_controller())
+            controller_task = asyncio.create_task(start_controller(), name="waypoint-controller")
 
     async def stopped() -> None:
         nonlocal controller_task
+        status.controller_running = False
         task, controller_task = controller_task, None
         if task is not None and not task.done():
             task.cancel()
@@ -171,6 +205,43 @@ async def run(
 
     elector_task: asyncio.Task[None] | None = None
     try:
+        if args.xds_address:
+            plane = ControlPlane(
+                api,
+                ControlPlaneConfig(
+                    translate=TranslateConfig(
+                        cluster_id=args.cluster_id,
+                        cluster_domain=args.mesh_cluster_domain,
+                        trust_domain=args.mesh_trust_domain,
+                        root_namespace=args.root_namespace,
+                    )
+                ),
+                cache=cache,
+            )
+            status.plane = plane
+            # The CA and the serving certificate are read before any watch starts: a bad CA
+            # directory fails the process at once, with the file it could not use.
+            if args.ca_dir is not None:
+                ca = LocalCa.load(args.ca_dir, trust_domain=args.mesh_trust_domain)
+            else:
+                log.warning(
+                    "no --ca-dir: certificates are signed by an in-memory CA (tests and labs only)"
+                )
+                ca = LocalCa.generate(args.mesh_trust_domain)
+            credentials = _server_credentials(args)
+            await plane.start()
+            authenticator = TokenReviewAuthenticator(
+                raw, plane.pod, trust_domain=args.mesh_trust_domain
+            )
+            if credentials is None:
+                log.warning("xDS and CA served in plaintext (no --tls-cert-chain/--tls-key)")
+            status.ca = plane.ca_service(ca, authenticator)
+            port = await plane.serve(args.xds_address, ca=status.ca, credentials=credentials)
+            status.port = port
+            log.info("control plane serving xDS and CA on port %d", port)
+            status.serving.set()
+            if on_serving is not None:
+                on_serving(plane, port)
         if start_controller is not None:
             if args.leader_elect:
                 elector = LeaderElector(
@@ -178,15 +249,21 @@ async def run(
                     namespace=args.lease_namespace,
                     name=args.lease_name,
                     identity=args.identity,
+                    lease_duration=getattr(args, "lease_duration", 15),
+                    renew_deadline=getattr(args, "renew_deadline", 10.0),
+                    retry_period=getattr(args, "retry_period", 2.0),
                     on_started=started,
                     on_stopped=stopped,
                 )
-                elector_task = asyncio.create_task(elector.run())
+                status.elector = elector
+                elector_task = asyncio.create_task(elector.run(), name="leader-election")
             else:
                 await started()
         await stop.wait()
     finally:
         if elector_task is not None:
+            # Cancelling the elector stops the controller (on_stopped) and releases the Lease,
+            # so a standby takes over without waiting for it to expire.
             elector_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await elector_task
@@ -222,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     add_arguments(parser)
     args = parser.parse_args(argv)
+    check_arguments(parser, args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -1,12 +1,15 @@
 """The control plane process: Kubernetes watches -> translation -> delta xDS, plus the Istio CA.
 
-Owns `ControlPlane`: informers (list + watch, resume, relist on 410) for Namespaces, Pods, Services,
-EndpointSlices, AuthorizationPolicies, PeerAuthentications, Gateways and GatewayClasses; on any
-change a short debounce coalesces bursts, then the binding table (`waypoint.manager.binding`) and the
-workload API view (`translate`) are recomputed from the caches and handed to `XdsServer` as the
-complete set of each type URL (the server sends every client only what changed for it). The CA
-(`IstioCaService`) authenticates callers with `authn.TokenReviewAuthenticator` and lets a node agent
-obtain only identities of pods on its own node, from the same Pod cache.
+Owns `ControlPlane`: listeners on a `WatchCache` (`waypoint.manager.controller`; list + watch,
+resume, relist on 410) for Namespaces, Pods, Services, EndpointSlices, AuthorizationPolicies,
+PeerAuthentications, Gateways and GatewayClasses. In `waypoint manager` that cache is the one the
+waypoint controller uses, so each kind is watched once per process. On any change a short debounce
+coalesces bursts, then the binding table (`WatchCache.binding_table`, the same memoized computation
+the waypoint controller reports on Services) and the workload API view (`translate`) are recomputed
+and handed to `XdsServer` as the complete set of each type URL (the server sends every client only
+what changed for it). The CA (`IstioCaService`) authenticates callers with
+`authn.TokenReviewAuthenticator` and lets a node agent obtain only identities of pods on its own
+node, from the same Pod cache.
 
 Every replica serves xDS and certificates; only the waypoint controller's writes are gated by
 leader election (see `waypoint.controlplane.cli`). All decisions live in the pure modules; this
@@ -18,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -29,29 +32,25 @@ from waypoint.controlplane.ca_server import Authenticator, IstioCaService, Signe
 from waypoint.controlplane.translate import ClusterState, TranslateConfig, Translation, translate
 from waypoint.controlplane.xds_server import XdsServer
 from waypoint.manager import kinds
-from waypoint.manager.binding import (
-    BindingTable,
-    NamespaceInfo,
-    ServiceInfo,
-    WaypointInfo,
-    WorkloadInfo,
-    resolve_bindings,
-)
-from waypoint.manager.controller import Informer
+from waypoint.manager.binding import BindingTable
+from waypoint.manager.controller import Informer, WatchCache, compute_bindings
 from waypoint.manager.kinds import ResourceType
 from waypoint.manager.kube import KubeApi
-from waypoint.manager.model import (
-    BUILTIN_CLASSES,
-    CONTROLLER_NAME,
-    WAYPOINT_FOR_LABEL,
-    ModelError,
-    parse_gateway,
-)
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.xds import protos
 from ztunnel.xds.convert import model_to_resources
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "AUTHORIZATION_POLICY",
+    "ENDPOINT_SLICE",
+    "PEER_AUTHENTICATION",
+    "WATCHED",
+    "ControlPlane",
+    "ControlPlaneConfig",
+    "compute_bindings",
+]
 
 ENDPOINT_SLICE: Final = ResourceType(
     group="discovery.k8s.io", version="v1", plural="endpointslices", kind="EndpointSlice"
@@ -84,68 +83,6 @@ class ControlPlaneConfig:
     watch_timeout: int = 300
 
 
-def _labels(obj: Mapping[str, Any]) -> dict[str, str]:
-    return dict(((obj.get("metadata") or {}).get("labels")) or {})
-
-
-def compute_bindings(
-    namespaces: Collection[Mapping[str, Any]],
-    services: Collection[Mapping[str, Any]],
-    pods: Collection[Mapping[str, Any]],
-    gateways: Collection[Mapping[str, Any]],
-    classes: Mapping[str, Mapping[str, Any]],
-) -> BindingTable:
-    """The waypoint binding table from watched objects (same rules as the waypoint manager)."""
-
-    def ours(class_name: str) -> bool:
-        obj = classes.get(class_name)
-        if obj is None:
-            return class_name in BUILTIN_CLASSES
-        return (obj.get("spec") or {}).get("controllerName") == CONTROLLER_NAME
-
-    waypoints = []
-    for obj in gateways:
-        class_name = str((obj.get("spec") or {}).get("gatewayClassName", ""))
-        if not ours(class_name):
-            continue
-        try:
-            gw = parse_gateway(obj)
-        except ModelError:
-            continue
-        addresses = tuple(
-            (str(a.get("type", "IPAddress")), str(a.get("value", "")))
-            for a in (obj.get("status") or {}).get("addresses") or []
-        )
-        waypoints.append(
-            WaypointInfo(
-                gateway=gw,
-                addresses=addresses,
-                class_waypoint_for=_labels(classes.get(class_name) or {}).get(WAYPOINT_FOR_LABEL),
-            )
-        )
-
-    def key(obj: Mapping[str, Any]) -> tuple[str, str]:
-        meta = obj.get("metadata") or {}
-        return str(meta.get("namespace") or ""), str(meta.get("name") or "")
-
-    return resolve_bindings(
-        namespaces=[NamespaceInfo(name=key(o)[1], labels=_labels(o)) for o in namespaces],
-        services=[
-            ServiceInfo(namespace=key(o)[0], name=key(o)[1], labels=_labels(o)) for o in services
-        ],
-        workloads=[
-            WorkloadInfo(
-                namespace=key(o)[0],
-                name=key(o)[1],
-                service_account=str((o.get("spec") or {}).get("serviceAccountName") or "default"),
-                labels=_labels(o),
-            )
-            for o in pods
-        ],
-        waypoints=waypoints,
-    )
-
-
 class ControlPlane:
     """Watches the cluster and keeps an `XdsServer` snapshot and a CA's node view current."""
 
@@ -155,37 +92,47 @@ class ControlPlane:
         config: ControlPlaneConfig | None = None,
         *,
         xds: XdsServer | None = None,
+        cache: WatchCache | None = None,
     ) -> None:
         self.api = api
         self.config = config or ControlPlaneConfig()
         self.xds = xds or XdsServer()
-        self.informers: dict[str, Informer] = {
-            rt.kind: Informer(api, rt, self._on_event, watch_timeout=self.config.watch_timeout)
-            for rt in WATCHED
-        }
+        # A shared cache belongs to the process (the waypoint controller listens to it too).
+        self._owns_cache = cache is None
+        self.cache = cache or WatchCache(api, watch_timeout=self.config.watch_timeout)
+        self.informers: dict[str, Informer] = {rt.kind: self.cache.informer(rt) for rt in WATCHED}
         self.translation: Translation | None = None
         self.bindings = BindingTable()
         self.rebuilds = 0
         self._node_index: dict[str, frozenset[SpiffeId]] = {}
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._listening = False
         self._warned: set[str] = set()
         self._server: grpc.aio.Server | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
+    @property
+    def ready(self) -> bool:
+        """True once the first snapshot from fully listed caches is published."""
+        return self.translation is not None
+
     async def start(self, sync_timeout: float = 60.0) -> None:
-        """Start the watches, wait for the first full list of each, publish the first snapshot."""
+        """Listen to the watches, wait for the first full list of each, publish the first snapshot."""
         for inf in self.informers.values():
-            self._tasks.append(asyncio.create_task(inf.run(), name=f"cp-informer-{inf.rt.plural}"))
-        await asyncio.wait_for(
-            asyncio.gather(*(inf.synced.wait() for inf in self.informers.values())),
-            timeout=sync_timeout,
-        )
+            inf.add_listener(self._on_event)
+        self._listening = True
+        self.cache.start()
+        await self.cache.wait_synced(list(self.informers.values()), timeout=sync_timeout)
         self.rebuild()
         self._tasks.append(asyncio.create_task(self._rebuild_loop(), name="cp-rebuild"))
 
     async def stop(self) -> None:
+        if self._listening:
+            for inf in self.informers.values():
+                inf.remove_listener(self._on_event)
+            self._listening = False
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -195,6 +142,8 @@ class ControlPlane:
         server, self._server = self._server, None
         if server is not None:
             await server.stop(1.0)
+        if self._owns_cache:
+            await self.cache.stop()
 
     async def serve(
         self,
@@ -264,16 +213,7 @@ class ControlPlane:
         pods = self._objects(kinds.POD)
         namespaces = self._objects(kinds.NAMESPACE)
         services = self._objects(kinds.SERVICE)
-        self.bindings = compute_bindings(
-            namespaces,
-            services,
-            pods,
-            self._objects(kinds.GATEWAY),
-            {
-                name: obj
-                for (_, name), obj in self.informers[kinds.GATEWAY_CLASS.kind].cache.items()
-            },
-        )
+        self.bindings = self.cache.binding_table()
         result = translate(
             ClusterState(
                 namespaces=namespaces,

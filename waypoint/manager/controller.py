@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,14 +85,22 @@ def _okey(obj: Mapping[str, Any]) -> ObjKey:
     return (str(meta.get("namespace", "")), str(meta.get("name", "")))
 
 
+Listener = Callable[[str, Mapping[str, Any]], None]
+
+
 class Informer:
-    """A cache of one kind kept current by list + watch; calls `on_event(type, obj)` for each change."""
+    """A cache of one kind kept current by list + watch; calls every listener `(type, obj)` per change.
+
+    Several consumers (the waypoint controller, the control plane) share one Informer per kind and
+    selector through `WatchCache`, so each kind is listed and watched once per process. A listener
+    that raises is logged and skipped: one consumer's bug must not starve the others of events.
+    """
 
     def __init__(
         self,
         api: KubeApi,
         rt: ResourceType,
-        on_event: Callable[[str, Mapping[str, Any]], None],
+        on_event: Listener | None = None,
         *,
         label_selector: str | None = None,
         watch_timeout: int = 300,
@@ -105,9 +113,31 @@ class Informer:
         self.synced = asyncio.Event()
         self.relists = 0
         """How many times the full list ran (1 + one per Gone/broken watch); for tests and metrics."""
-        self._on_event = on_event
+        self.changes = 0
+        """Bumped on every delivered change; lets consumers memoize what they derive from the cache."""
+        self._listeners: list[Listener] = [on_event] if on_event is not None else []
         self._watch_timeout = watch_timeout
         self._retry_delay = retry_delay
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def replay(self, listener: Listener) -> None:
+        """Deliver the current cache to `listener` as ADDED (a consumer joining a synced cache)."""
+        for obj in list(self.cache.values()):
+            listener("ADDED", obj)
+
+    def _on_event(self, event_type: str, obj: Mapping[str, Any]) -> None:
+        self.changes += 1
+        for listener in list(self._listeners):
+            try:
+                listener(event_type, obj)
+            except Exception:
+                log.exception("informer %s: a listener failed on %s", self.rt.plural, event_type)
 
     async def _relist(self) -> str:
         items, rv = await self.api.list(self.rt, label_selector=self.label_selector)
@@ -165,6 +195,180 @@ class Informer:
         self._on_event(event.type, obj)
 
 
+class WatchCache:
+    """The process's watch cache: one `Informer` per (kind, label selector), shared by every consumer.
+
+    `informer()` returns the existing Informer or makes one (started at once if the cache runs).
+    The creator of a WatchCache owns its lifecycle (`start`/`stop`); consumers only add listeners.
+    `binding_table()` is the one binding computation of the process, memoized on the caches it
+    reads, so the waypoint controller and the control plane share the result of each change.
+    """
+
+    def __init__(self, api: KubeApi, *, watch_timeout: int = 300, retry_delay: float = 0.5) -> None:
+        self.api = api
+        self._watch_timeout = watch_timeout
+        self._retry_delay = retry_delay
+        self._informers: dict[tuple[str, str, str | None], Informer] = {}
+        self._tasks: dict[tuple[str, str, str | None], asyncio.Task[None]] = {}
+        self._running = False
+        self._bindings: tuple[tuple[int, ...], BindingTable] | None = None
+
+    @staticmethod
+    def _key(rt: ResourceType, label_selector: str | None) -> tuple[str, str, str | None]:
+        return (rt.group, rt.plural, label_selector)
+
+    def informer(self, rt: ResourceType, label_selector: str | None = None) -> Informer:
+        key = self._key(rt, label_selector)
+        inf = self._informers.get(key)
+        if inf is None:
+            inf = Informer(
+                self.api,
+                rt,
+                label_selector=label_selector,
+                watch_timeout=self._watch_timeout,
+                retry_delay=self._retry_delay,
+            )
+            self._informers[key] = inf
+            if self._running:
+                self._start_one(key, inf)
+        return inf
+
+    def get(self, rt: ResourceType, label_selector: str | None = None) -> Informer | None:
+        return self._informers.get(self._key(rt, label_selector))
+
+    @property
+    def informers(self) -> list[Informer]:
+        return list(self._informers.values())
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def _start_one(self, key: tuple[str, str, str | None], inf: Informer) -> None:
+        sel = f"?{inf.label_selector}" if inf.label_selector else ""
+        self._tasks[key] = asyncio.create_task(inf.run(), name=f"informer-{inf.rt.plural}{sel}")
+
+    def start(self) -> None:
+        """Start every informer not yet running (idempotent; needs a running event loop)."""
+        self._running = True
+        for key, inf in self._informers.items():
+            if key not in self._tasks:
+                self._start_one(key, inf)
+
+    @property
+    def synced(self) -> bool:
+        return self._running and all(inf.synced.is_set() for inf in self._informers.values())
+
+    async def wait_synced(
+        self, informers: Collection[Informer] | None = None, timeout: float = 60.0
+    ) -> None:
+        """Wait until `informers` (default: all) have listed once; TimeoutError names the laggards."""
+        waiting = list(self._informers.values() if informers is None else informers)
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(inf.synced.wait() for inf in waiting)), timeout=timeout
+            )
+        except TimeoutError:
+            late = ", ".join(inf.rt.plural for inf in waiting if not inf.synced.is_set())
+            raise TimeoutError(
+                f"watch cache: no initial list within {timeout}s for {late}"
+            ) from None
+
+    async def stop(self) -> None:
+        self._running = False
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def binding_table(self) -> BindingTable:
+        """The waypoint binding table from the cached Namespaces, Services, Pods and Gateways.
+
+        Pods count only if this cache watches them. Recomputed only when one of those caches
+        changed since the last call.
+        """
+        deps = [
+            self.informer(kinds.NAMESPACE),
+            self.informer(kinds.SERVICE),
+            self.informer(kinds.GATEWAY),
+            self.informer(kinds.GATEWAY_CLASS),
+        ]
+        pods = self.get(kinds.POD)
+        if pods is not None:
+            deps.append(pods)
+        stamp = tuple(id(d) for d in deps) + tuple(d.changes for d in deps)
+        if self._bindings is not None and self._bindings[0] == stamp:
+            return self._bindings[1]
+        table = compute_bindings(
+            deps[0].cache.values(),
+            deps[1].cache.values(),
+            pods.cache.values() if pods is not None else (),
+            deps[2].cache.values(),
+            {name: obj for (_, name), obj in deps[3].cache.items()},
+        )
+        self._bindings = (stamp, table)
+        return table
+
+
+def class_is_ours(class_name: str, classes: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether a GatewayClass (by name, from the cached classes) is managed by this controller."""
+    obj = classes.get(class_name)
+    if obj is None:
+        # Istio's behaviour: the built-in classes are ours even before their object exists.
+        return class_name in BUILTIN_CLASSES
+    return ((obj.get("spec") or {}).get("controllerName")) == CONTROLLER_NAME
+
+
+def compute_bindings(
+    namespaces: Iterable[Mapping[str, Any]],
+    services: Iterable[Mapping[str, Any]],
+    pods: Iterable[Mapping[str, Any]],
+    gateways: Iterable[Mapping[str, Any]],
+    classes: Mapping[str, Mapping[str, Any]],
+) -> BindingTable:
+    """The binding table from watched objects: the one function both controller and xDS use."""
+    waypoints = []
+    for obj in gateways:
+        class_name = str((obj.get("spec") or {}).get("gatewayClassName", ""))
+        if not class_is_ours(class_name, classes):
+            continue
+        try:
+            gw = parse_gateway(obj)
+        except ModelError:
+            continue
+        addresses = tuple(
+            (str(a.get("type", "IPAddress")), str(a.get("value", "")))
+            for a in (obj.get("status") or {}).get("addresses") or []
+        )
+        waypoints.append(
+            WaypointInfo(
+                gateway=gw,
+                addresses=addresses,
+                class_waypoint_for=_labels(classes.get(class_name) or {}).get(WAYPOINT_FOR_LABEL),
+            )
+        )
+    return resolve_bindings(
+        namespaces=[NamespaceInfo(name=_okey(o)[1], labels=dict(_labels(o))) for o in namespaces],
+        services=[
+            ServiceInfo(namespace=_okey(o)[0], name=_okey(o)[1], labels=dict(_labels(o)))
+            for o in services
+        ],
+        workloads=[
+            WorkloadInfo(
+                namespace=_okey(o)[0],
+                name=_okey(o)[1],
+                service_account=str((o.get("spec") or {}).get("serviceAccountName") or "default"),
+                labels=dict(_labels(o)),
+            )
+            for o in pods
+        ],
+        waypoints=waypoints,
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GatewayReport:
     """What the last reconcile of one Gateway did; for logs, tests and the CLI."""
@@ -187,39 +391,40 @@ class WaypointManager:
         watch_timeout: int = 300,
         max_backoff: float = 10.0,
         on_bindings: Callable[[BindingTable], Awaitable[None] | None] | None = None,
+        cache: WatchCache | None = None,
     ) -> None:
         self.api = api
         self.config = config or RenderConfig()
         self.now = now
         self.binding_table = BindingTable()
         self.reports: dict[ObjKey, GatewayReport] = {}
+        self.reconciles = 0
+        """Reconciles finished without error (for metrics)."""
+        self.reconcile_errors = 0
         self._on_bindings = on_bindings
         self._max_backoff = max_backoff
         self._queue: asyncio.Queue[Key] = asyncio.Queue()
         self._pending: set[Key] = set()
         self._failures: dict[Key, int] = {}
+        self._retries: set[asyncio.TimerHandle] = set()
         self._idle = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._service_labels: dict[ObjKey, dict[str, str]] = {}
+        # A cache passed in is shared with other consumers and outlives this manager's start/stop
+        # (leadership may come and go); without one, the manager owns a private cache.
+        self._owns_cache = cache is None
+        self.cache = cache or WatchCache(api, watch_timeout=watch_timeout)
+        self._listeners: list[tuple[Informer, Listener]] = []
 
-        def informer(rt: ResourceType, selector: str | None = None) -> Informer:
-            return Informer(
-                api,
-                rt,
-                self._event_handler(rt),
-                label_selector=selector,
-                watch_timeout=watch_timeout,
-            )
-
-        self.gateways = informer(kinds.GATEWAY)
-        self.classes = informer(kinds.GATEWAY_CLASS)
-        self.namespaces = informer(kinds.NAMESPACE)
-        self.services = informer(kinds.SERVICE)
-        self.configmaps = informer(kinds.CONFIG_MAP)
-        self.pods = informer(kinds.POD) if watch_pods else None
+        self.gateways = self.cache.informer(kinds.GATEWAY)
+        self.classes = self.cache.informer(kinds.GATEWAY_CLASS)
+        self.namespaces = self.cache.informer(kinds.NAMESPACE)
+        self.services = self.cache.informer(kinds.SERVICE)
+        self.configmaps = self.cache.informer(kinds.CONFIG_MAP)
+        self.pods = self.cache.informer(kinds.POD) if watch_pods else None
         # Owned kinds are watched through the managed label only: foreign objects are looked up by name.
         self.owned: dict[str, Informer] = {
-            rt.kind: informer(rt, MANAGED_SELECTOR)
+            rt.kind: self.cache.informer(rt, MANAGED_SELECTOR)
             for rt in kinds.OWNED_KINDS
             if rt is not kinds.SERVICE
         }
@@ -235,22 +440,52 @@ class WaypointManager:
 
     # --- lifecycle ----------------------------------------------------------------------
 
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks)
+
     async def start(self) -> None:
-        """Start informers and the worker; returns once every cache has listed once."""
+        """Listen to the informers and start the worker; returns once every cache has listed once.
+
+        Restartable: with a shared cache that already synced, the current cache is replayed as
+        ADDED events, so a manager that (re)gains leadership reconciles everything once.
+        """
+        if self._listeners or self._tasks:
+            return
         for inf in self.informers:
-            self._tasks.append(asyncio.create_task(inf.run(), name=f"informer-{inf.rt.plural}"))
-        await asyncio.wait_for(
-            asyncio.gather(*(inf.synced.wait() for inf in self.informers)), timeout=60
-        )
+            listener = self._event_handler(inf.rt)
+            inf.add_listener(listener)
+            self._listeners.append((inf, listener))
+            inf.replay(listener)  # empty for an informer that has not listed yet
+        self.cache.start()
+        try:
+            await self.cache.wait_synced(self.informers)
+        except BaseException:
+            await self.stop()
+            raise
+        # Only now: reconciling against half-listed caches would plan from a partial view.
         self._tasks.append(asyncio.create_task(self._worker(), name="waypoint-manager-worker"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for inf, listener in self._listeners:
+            inf.remove_listener(listener)
+        self._listeners.clear()
+        for handle in self._retries:
+            handle.cancel()
+        self._retries.clear()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks.clear()
+        # A later start() begins from a clean queue and replays the caches.
+        self._queue = asyncio.Queue()
+        self._pending.clear()
+        self._failures.clear()
+        self._idle.clear()
+        if self._owns_cache:
+            await self.cache.stop()
 
     async def run_forever(self) -> None:
         await self.start()
@@ -321,11 +556,13 @@ class WaypointManager:
             try:
                 await self.reconcile(key)
                 self._failures.pop(key, None)
+                self.reconciles += 1
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 # Any failure (API error, bad object, our own bug) retries with backoff: the worker
                 # must never die and leave the cluster unreconciled.
+                self.reconcile_errors += 1
                 attempts = self._failures.get(key, 0) + 1
                 self._failures[key] = attempts
                 delay = min(0.1 * 2**attempts, self._max_backoff)
@@ -342,7 +579,18 @@ class WaypointManager:
                 else:
                     log.exception("reconcile %s crashed; retry %d in %.1fs", key, attempts, delay)
                 self._idle.clear()
-                asyncio.get_running_loop().call_later(delay, self.enqueue, key)
+                self._retry_later(delay, key)
+
+    def _retry_later(self, delay: float, key: Key) -> None:
+        handle: asyncio.TimerHandle | None = None
+
+        def fire() -> None:
+            if handle is not None:
+                self._retries.discard(handle)
+            self.enqueue(key)
+
+        handle = asyncio.get_running_loop().call_later(delay, fire)
+        self._retries.add(handle)
 
     async def reconcile(self, key: Key) -> None:
         if key[0] == "gateway":
@@ -355,11 +603,9 @@ class WaypointManager:
     # --- GatewayClass -------------------------------------------------------------------------
 
     def _class_is_ours(self, class_name: str) -> bool:
-        obj = self.classes.cache.get(("", class_name))
-        if obj is None:
-            # Istio's behaviour: the built-in classes are ours even before their object exists.
-            return class_name in BUILTIN_CLASSES
-        return ((obj.get("spec") or {}).get("controllerName")) == CONTROLLER_NAME
+        return class_is_ours(
+            class_name, {name: obj for (_, name), obj in self.classes.cache.items()}
+        )
 
     async def reconcile_class(self, name: str) -> None:
         obj = self.classes.cache.get(("", name))
@@ -567,53 +813,9 @@ class WaypointManager:
 
     # --- bindings ----------------------------------------------------------------------------
 
-    def _waypoints(self) -> list[WaypointInfo]:
-        out = []
-        for obj in self.gateways.cache.values():
-            class_name = str((obj.get("spec") or {}).get("gatewayClassName", ""))
-            if not self._class_is_ours(class_name):
-                continue
-            try:
-                gw = parse_gateway(obj)
-            except ModelError:
-                continue
-            addresses = tuple(
-                (str(a.get("type", "IPAddress")), str(a.get("value", "")))
-                for a in (obj.get("status") or {}).get("addresses") or []
-            )
-            gc = self.classes.cache.get(("", class_name)) or {}
-            out.append(
-                WaypointInfo(
-                    gateway=gw,
-                    addresses=addresses,
-                    class_waypoint_for=_labels(gc).get(WAYPOINT_FOR_LABEL),
-                )
-            )
-        return out
-
     async def reconcile_bindings(self) -> None:
-        workloads = []
-        if self.pods is not None:
-            for pod in self.pods.cache.values():
-                ns, name = _okey(pod)
-                sa = str((pod.get("spec") or {}).get("serviceAccountName") or "default")
-                workloads.append(
-                    WorkloadInfo(
-                        namespace=ns, name=name, service_account=sa, labels=dict(_labels(pod))
-                    )
-                )
-        table = resolve_bindings(
-            namespaces=[
-                NamespaceInfo(name=_okey(o)[1], labels=dict(_labels(o)))
-                for o in self.namespaces.cache.values()
-            ],
-            services=[
-                ServiceInfo(namespace=k[0], name=k[1], labels=dict(_labels(o)))
-                for k, o in self.services.cache.items()
-            ],
-            workloads=workloads,
-            waypoints=self._waypoints(),
-        )
+        # The same (memoized) computation the control plane publishes over xDS.
+        table = self.cache.binding_table()
         self.binding_table = table
         if self._on_bindings is not None:
             result = self._on_bindings(table)

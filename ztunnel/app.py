@@ -1,0 +1,544 @@
+"""The ztunnel process: composition root of store, sources, certificates, proxies and operations.
+
+Owns start-up order, the per-workload proxies and shutdown:
+
+1. metrics (15020), readiness (15021, not ready yet) and admin (127.0.0.1:15000) servers start first,
+   so "not ready, pending: config" is observable;
+2. the local config file is loaded (a bad file is fatal at start) and then watched; a rejected reload
+   keeps the old configuration in force and is counted (``istio_config_reload_failures_total``);
+3. for every local workload (the config's workloads whose ``node`` is this node, in the mesh) a
+   ``WorkloadProxy`` opens outbound 15001, inbound HBONE 15008, inbound plaintext 15006 and optionally
+   SOCKS5 15080, through a socket factory chosen by the placement: ``loopback`` binds them on the
+   workload's own IP in the current netns (tests, dedicated mode), ``inpod`` on ``[::]`` inside the
+   pod's netns with SO_MARK 0x539. Each workload's certificate is prefetched; readiness waits for it;
+4. store changes reconcile the proxies (new pods get listeners, gone pods lose them) and re-check
+   live connections against policy (the tracker);
+5. SIGTERM / SIGINT / ``/quitquitquit`` drain: listeners close at once, HBONE servers GOAWAY,
+   in-flight connections get until the deadline, then everything is closed cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ipaddress
+import logging
+import random
+import signal
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ztunnel import config as zc
+from ztunnel.accesslog import AccessLog, LogFormat
+from ztunnel.admin import Admin, serialize
+from ztunnel.drain import DEFAULT_DEADLINE, Drain
+from ztunnel.identity import tls
+from ztunnel.identity.ca import CaClient, LocalCa, LocalCaClient
+from ztunnel.identity.manager import CertificateManager, CertificateUnavailable
+from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.metrics import Metrics, Reporter
+from ztunnel.proxy.connections import ConnectionTracker, ProxyContext, TrackedConnection
+from ztunnel.proxy.hbone_server import HboneServer
+from ztunnel.proxy.inbound import InboundHbone
+from ztunnel.proxy.outbound import Listener, Outbound
+from ztunnel.proxy.plaintext import InboundPlaintext, OriginalDst
+from ztunnel.proxy.pool import HbonePool, PoolKey
+from ztunnel.proxy.socket_factory import (
+    DefaultSocketFactory,
+    Endpoint,
+    NetnsSocketFactory,
+    SocketFactory,
+    family_of,
+    original_destination,
+)
+from ztunnel.proxy.socks5 import Socks5
+from ztunnel.readiness import Readiness
+from ztunnel.sources.watch import LocalConfigWatcher
+from ztunnel.state.authz import Verdict
+from ztunnel.state.model import IPAddress, Workload
+from ztunnel.state.store import StoreChange, WorkloadStore
+
+log = logging.getLogger(__name__)
+
+
+class Placement(enum.Enum):
+    INPOD = "inpod"  # listeners inside each pod's netns (needs root)
+    LOOPBACK = "loopback"  # listeners on the workload IP in ztunnel's netns (tests, dedicated)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkloadPorts:
+    outbound: int = zc.OUTBOUND_CAPTURE_PORT
+    inbound: int = zc.INBOUND_HBONE_PORT
+    plaintext: int = zc.INBOUND_PLAINTEXT_PORT
+    socks5: int = zc.SOCKS5_PORT
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppConfig:
+    """Everything ``ztunnel run`` decides; ports of 0 pick a free one (tests)."""
+
+    config_path: Path
+    node: str | None = None
+    ca_dir: Path | None = None
+    ca_address: str | None = None
+    ca_client: CaClient | None = None  # injected (tests); wins over ca_dir / ca_address
+    placement: Placement = Placement.LOOPBACK
+    admin_host: str = "127.0.0.1"
+    admin_port: int = zc.ADMIN_PORT
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = zc.METRICS_PORT
+    readiness_host: str = "0.0.0.0"
+    readiness_port: int = zc.READINESS_PORT
+    log_format: LogFormat = LogFormat.TEXT
+    drain_deadline: float = DEFAULT_DEADLINE
+    socks5: bool = True
+    reload_interval: float = 0.2
+    connect_timeout: float = 10.0
+    pool_idle_timeout: float = 300.0
+    ports: WorkloadPorts = field(default_factory=WorkloadPorts)
+    access_log_sink: Callable[[str], None] | None = None
+    plaintext_original_dst: OriginalDst | None = None  # loopback tests: no capture, say where
+
+
+class AppError(Exception):
+    """Start-up failed; the message says what (config file, CA, a port in use)."""
+
+
+class WorkloadProxy:
+    """The listeners of one local workload and the handlers behind them."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        workload: Workload,
+        factory: SocketFactory,
+        config: AppConfig,
+    ) -> None:
+        self.ctx = ctx
+        self.workload = workload
+        self.factory = factory
+        self.config = config
+        self.outbound = Outbound(ctx, workload, factory)
+        self.inbound = InboundHbone(ctx, workload, factory)
+        self.plaintext = InboundPlaintext(
+            ctx,
+            workload,
+            factory,
+            original_dst=config.plaintext_original_dst or original_destination,
+        )
+        self.socks5 = Socks5(self.outbound)
+        self.listeners: list[Listener] = []
+        self.servers: list[HboneServer] = []
+        self.state = "Pending"
+
+    def update(self, workload: Workload) -> None:
+        """Same pod, new attributes (e.g. service membership): handlers see it from now on."""
+        self.workload = workload
+        self.outbound.workload = workload
+        self.inbound.workload = workload
+        self.plaintext.workload = workload
+
+    def _hosts(self) -> list[IPAddress]:
+        if self.config.placement is Placement.INPOD:
+            return [ipaddress.IPv6Address("::")]
+        return list(self.workload.addresses)
+
+    async def start(self) -> None:
+        ports = self.config.ports
+        identity = self.workload.identity()
+        certs = self.ctx.certs
+        try:
+            for host in self._hosts():
+                self._listen(host, ports.outbound, self.outbound.handle_captured, "outbound")
+                self._listen(host, ports.plaintext, self.plaintext.handle, "plaintext")
+                if self.config.socks5:
+                    # Istio: SOCKS5 on 127.0.0.1 in the pod; loopback mode: the workload IP.
+                    socks_host = host
+                    if self.config.placement is Placement.INPOD:
+                        socks_host = ipaddress.IPv4Address("127.0.0.1")
+                    self._listen(socks_host, ports.socks5, self.socks5.handle, "socks5")
+
+                def server_context(identity: SpiffeId = identity) -> ssl.SSLContext:
+                    cert = certs.cached(identity)
+                    if cert is None:
+                        raise CertificateUnavailable(identity, "no certificate yet")
+                    return tls.server_context(cert)
+
+                server = HboneServer(
+                    ssl_context=server_context,
+                    trust_domain=self.workload.trust_domain or zc.DEFAULT_TRUST_DOMAIN,
+                    on_connect=self.inbound.on_connect,
+                    on_tunnel_closed=self.inbound.on_closed,
+                )
+                sock = self.factory.listener(Endpoint(host, ports.inbound))
+                await server.start(sock)
+                self.servers.append(server)
+        except BaseException:
+            await self.close()
+            raise
+        self.state = "Up"
+
+    def _listen(self, host: IPAddress, port: int, handler: Any, kind: str) -> None:
+        sock = self.factory.listener(Endpoint(host, port))
+        listener = Listener(self.ctx, sock, handler, f"{kind}:{self.workload.name}:{port}")
+        listener.start()
+        self.listeners.append(listener)
+
+    def stop_accepting(self, deadline: float) -> list[asyncio.Task[None]]:
+        """Drain step 1: listeners close now; HBONE servers GOAWAY and wait up to ``deadline``."""
+        for listener in self.listeners:
+            listener.stop_accepting()
+        return [
+            asyncio.get_running_loop().create_task(server.drain(deadline), name="hbone-drain")
+            for server in self.servers
+        ]
+
+    async def close(self) -> None:
+        """Close everything of this workload now (removal, or the end of a drain)."""
+        self.state = "Down"
+        for listener in self.listeners:
+            await listener.close()
+        for server in self.servers:
+            await server.close()
+        self.listeners.clear()
+        self.servers.clear()
+        if isinstance(self.factory, NetnsSocketFactory):
+            self.factory.close()
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "workload": self.workload.uid,
+            "listeners": [str(lst.address) for lst in self.listeners if lst.sock.fileno() >= 0],
+        }
+
+
+class App:
+    """One ztunnel. ``await start()``, then ``await wait()`` (returns after a drain) or ``stop()``."""
+
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
+        self.store = WorkloadStore()
+        self.metrics = Metrics()
+        self.readiness = Readiness()
+        self.drain = Drain(deadline=config.drain_deadline)
+        self.access_log = AccessLog(config.log_format, sink=config.access_log_sink)
+        self.tracker = ConnectionTracker(self.store, on_late_deny=self._late_deny)
+        self.certs = CertificateManager(self._ca_client())
+        self.pool = HbonePool(
+            client_context=self._client_context,
+            connector=self._connect_hbone,
+            idle_timeout=config.pool_idle_timeout,
+            connect_timeout=config.connect_timeout,
+        )
+        illegal = set(zc.ILLEGAL_PORTS)
+        if config.socks5:
+            illegal.add(config.ports.socks5)
+        self.ctx = ProxyContext(
+            store=self.store,
+            certs=self.certs,
+            pool=self.pool,
+            metrics=self.metrics,
+            access_log=self.access_log,
+            tracker=self.tracker,
+            drain=self.drain,
+            rng=random.Random(),
+            loopback=config.placement is Placement.LOOPBACK,
+            illegal_ports=frozenset(illegal),
+            connect_timeout=config.connect_timeout,
+        )
+        self.watcher = LocalConfigWatcher(config.config_path, self.store)
+        self.node: str | None = config.node
+        self.proxies: dict[str, WorkloadProxy] = {}
+        self._by_ip: dict[IPAddress, WorkloadProxy] = {}
+        self._runners: list[web.AppRunner] = []
+        self.admin_address: tuple[str, int] | None = None
+        self.metrics_address: tuple[str, int] | None = None
+        self.readiness_address: tuple[str, int] | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._reconcile_wanted = asyncio.Event()
+        self._unsubscribe: Callable[[], None] | None = None
+        self._stopped = asyncio.Event()
+        self._wanted_identities: set[SpiffeId] = set()
+
+    # -- wiring --------------------------------------------------------------------------------
+
+    def _ca_client(self) -> CaClient:
+        c = self.config
+        if c.ca_client is not None:
+            return c.ca_client
+        if c.ca_dir is not None:
+            return LocalCaClient(LocalCa.load(c.ca_dir))
+        if c.ca_address is not None:
+            from ztunnel.identity.istio_ca import IstioCaClient
+
+            return IstioCaClient(c.ca_address)
+        raise AppError("no certificate authority: give --ca-dir or --ca-address")
+
+    def _client_context(self, identity: SpiffeId) -> ssl.SSLContext:
+        cert = self.certs.cached(identity)
+        if cert is None:
+            raise CertificateUnavailable(identity, "no valid certificate")
+        return tls.client_context(cert)
+
+    async def _connect_hbone(self, key: PoolKey) -> socket.socket:
+        proxy = self._by_ip.get(key.src_ip) if key.src_ip is not None else None
+        factory: SocketFactory = proxy.factory if proxy is not None else DefaultSocketFactory()
+        source = key.src_ip if self.ctx.loopback else None
+        if source is not None and source.version != key.dst_ip.version:
+            source = None
+        sock = factory.upstream(family_of(key.dst_ip), source=source)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (str(key.dst_ip), key.dst_port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _late_deny(self, conn: TrackedConnection, verdict: Verdict) -> None:
+        self.metrics.late_denials.labels(reporter=Reporter.DESTINATION.value).inc()
+        if verdict.missing_policies:
+            self.metrics.unknown_policy_denied(verdict.missing_policies)
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        c = self.config
+        self.readiness.register("config", str(c.config_path))
+        self.readiness.register("workload proxies")
+        self.metrics_address = await self._serve(
+            self.metrics.routes(), c.metrics_host, c.metrics_port
+        )
+        self.readiness_address = await self._serve(
+            self.readiness.routes(), c.readiness_host, c.readiness_port
+        )
+        admin = Admin(dump=self.config_dump, quit=self.drain.trigger)
+        self.admin_address = await self._serve(admin.routes(), c.admin_host, c.admin_port)
+        try:
+            loaded = await asyncio.to_thread(self.watcher.load_initial)
+        except Exception as err:
+            await self._stop_servers()
+            raise AppError(str(err)) from err
+        if self.node is None:
+            self.node = loaded.node
+        if self.node is None:
+            await self._stop_servers()
+            raise AppError(f"{c.config_path}: no node given (--node or top-level `node:`)")
+        self.readiness.done("config")
+        self.tracker.start()
+        self._unsubscribe = self.store.subscribe(self._on_store_change)
+        self.drain.on_stop_accepting(self._stop_accepting)
+        self.drain.on_force_close(self._force_close)
+        await self._reconcile()
+        self.readiness.done("workload proxies")
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._watch_config(), name="config-watch"),
+            loop.create_task(self._reconcile_loop(), name="reconcile"),
+            loop.create_task(self._drain_then_stop(), name="drain"),
+        ]
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.drain.trigger, sig.name)
+
+    async def wait(self) -> None:
+        """Return once a drain finished and everything is closed."""
+        await self._stopped.wait()
+
+    async def stop(self, reason: str = "stop") -> None:
+        """Drain (with the configured deadline) and close."""
+        self.drain.trigger(reason)
+        await self.wait()
+
+    async def _serve(self, routes: list[web.RouteDef], host: str, port: int) -> tuple[str, int]:
+        app = web.Application()
+        app.add_routes(routes)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as err:
+            await runner.cleanup()
+            raise AppError(f"cannot listen on {host}:{port}: {err.strerror}") from err
+        self._runners.append(runner)
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        bound = sockets[0].getsockname()[:2] if sockets else (host, port)
+        return (bound[0], int(bound[1]))
+
+    async def _stop_servers(self) -> None:
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+
+    async def _watch_config(self) -> None:
+        while not self.drain.draining:
+            await asyncio.sleep(self.config.reload_interval)
+            try:
+                applied = await self.watcher.check_once()
+            except Exception:
+                log.exception("config watch failed")
+                continue
+            if applied is False:
+                self.metrics.config_reload_failed("local")
+
+    def _on_store_change(self, _change: StoreChange) -> None:
+        self._reconcile_wanted.set()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._reconcile_wanted.wait()
+            self._reconcile_wanted.clear()
+            if self.drain.draining:
+                return
+            try:
+                await self._reconcile()
+            except Exception:
+                log.exception("reconciling workload proxies failed")
+
+    def local_workloads(self) -> list[Workload]:
+        assert self.node is not None
+        return [w for w in self.store.workloads_on_node(self.node) if w.is_hbone and w.addresses]
+
+    async def _reconcile(self) -> None:
+        wanted = {w.uid: w for w in self.local_workloads()}
+        for uid in [u for u in self.proxies if u not in wanted]:
+            proxy = self.proxies.pop(uid)
+            log.info("workload %s left this node: closing its proxies", uid)
+            await proxy.close()
+        for uid, workload in wanted.items():
+            existing = self.proxies.get(uid)
+            if existing is not None:
+                if existing.workload.addresses == workload.addresses and (
+                    existing.workload.identity() == workload.identity()
+                ):
+                    existing.update(workload)
+                    continue
+                await existing.close()
+                del self.proxies[uid]
+            self._want_certificate(workload.identity())
+            try:
+                proxy = WorkloadProxy(self.ctx, workload, self._factory_for(workload), self.config)
+                await proxy.start()
+            except OSError as err:
+                log.error("workload %s: cannot open its listeners: %s", uid, err)
+                continue
+            self.proxies[uid] = proxy
+            log.info("workload %s: proxies up on %s", uid, proxy.describe()["listeners"])
+        self._by_ip = {ip: p for p in self.proxies.values() for ip in p.workload.addresses}
+        self.ctx.local_by_ip.clear()
+        self.ctx.local_by_ip.update({ip: p.workload for ip, p in self._by_ip.items()})
+        current = {p.workload.identity() for p in self.proxies.values()}
+        for identity in self._wanted_identities - current:
+            self.certs.forget(identity)  # its last workload left this node
+            self.readiness.done(f"certificate {identity}")
+        self._wanted_identities = current
+
+    def _factory_for(self, workload: Workload) -> SocketFactory:
+        if self.config.placement is Placement.INPOD:
+            if not workload.netns:
+                raise OSError(f"workload {workload.uid} has no netns (needed for in-pod mode)")
+            return NetnsSocketFactory(workload.netns, mark=zc.INPOD_MARK)
+        return DefaultSocketFactory()
+
+    def _want_certificate(self, identity: SpiffeId) -> None:
+        if self.certs.cached(identity) is not None:
+            return
+        task_name = f"certificate {identity}"
+        self.readiness.register(task_name)
+        self.certs.prefetch(identity)
+
+        async def wait_for_it() -> None:
+            while True:
+                try:
+                    await self.certs.get(identity)
+                except CertificateUnavailable as err:
+                    log.warning("certificate for %s not available yet: %s", identity, err.reason)
+                    await asyncio.sleep(1.0)
+                    continue
+                self.readiness.done(task_name)
+                return
+
+        self._tasks.append(asyncio.get_running_loop().create_task(wait_for_it()))
+
+    # -- drain ---------------------------------------------------------------------------------
+
+    async def _stop_accepting(self) -> None:
+        for proxy in self.proxies.values():
+            for task in proxy.stop_accepting(self.drain.deadline):
+                self.drain.track(task)
+
+    async def _force_close(self) -> None:
+        for proxy in self.proxies.values():
+            await proxy.close()
+
+    async def _drain_then_stop(self) -> None:
+        await self.drain.run()
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        self.tracker.stop()
+        for proxy in list(self.proxies.values()):
+            await proxy.close()
+        self.proxies.clear()
+        await self.pool.close()
+        await self.certs.close()
+        await self._stop_servers()
+        self._stopped.set()
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def config_dump(self) -> dict[str, Any]:
+        certificates = [
+            {k: v for k, v in entry.items() if k not in ("chain", "roots")}
+            | {"chain": entry["chain"]}
+            for entry in self.certs.snapshot()
+        ]
+        return {
+            "node": self.node,
+            "workloads": serialize(list(self.store.workloads())),
+            "services": serialize(list(self.store.services())),
+            "policies": serialize(list(self.store.policies())),
+            "certificates": certificates,
+            "connections": self.tracker.snapshot(),
+            "workloadState": {uid: p.describe() for uid, p in self.proxies.items()},
+            "config": {
+                "source": str(self.config.config_path),
+                "version": self.store.version,
+                "reloads_ok": self.watcher.reloads_ok,
+                "reloads_failed": self.watcher.reloads_failed,
+                "last_error": self.watcher.last_error,
+                "placement": self.config.placement.value,
+            },
+            "pool": serialize(self.pool.statistics()),
+            "ready": self.readiness.ready,
+            "pending": self.readiness.pending(),
+        }
+
+    def url(self, which: str) -> str:
+        address = {
+            "admin": self.admin_address,
+            "metrics": self.metrics_address,
+            "readiness": self.readiness_address,
+        }[which]
+        if address is None:
+            raise AppError(f"{which} server is not running")
+        host = address[0]
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"http://{host}:{address[1]}"

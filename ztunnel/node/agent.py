@@ -1,0 +1,347 @@
+"""The node agent (local mode): keep this node's pods captured and served, as the store changes.
+
+Owns the per-pod life cycle that Istio splits between istio-cni and ztunnel's in-pod manager
+(ztunnel.md section 7.1, reliability.md section 4), driven by the workload store instead of ZDS:
+
+* a pod appears (enrolled per ``plan.enrolled``): program its capture rules with ``netfilter``
+  (idempotent: rules already there are verified and repaired, which is how a restarted ztunnel
+  *adopts* running pods), ask for its certificate (prefetch, so the first connection does not wait),
+  then have the app open 15001/15006/15008 inside the pod netns through a ``NetnsSocketFactory``
+  (SO_MARK 0x539, SO_REUSEPORT: a new ztunnel binds beside the old one, so one is always listening);
+* a start that fails (netns missing, port taken) leaves the pod *pending*; it is retried every
+  ``retry_interval`` seconds and readiness stays blocked on it, as ztunnel does;
+* a pod disappears: its listeners stop and drain, then its rules are removed (ignored if the netns
+  is already gone); its netns changed (sandbox recreated) or its identity changed: stop, then start;
+* ``stop()`` (ztunnel shutting down) drains every pod but leaves the rules in place: a pod with
+  rules and no listener fails closed, and the next ztunnel adopts it.
+
+Readiness: the task ``workload proxy manager`` is pending until the first reconcile has started
+every pod (nothing pending). The app supplies the proxies through the ``PodProxies`` protocol;
+with ``proxies=None`` the agent only keeps the rules (the istio-cni role: the lab runs it so a
+pod is captured before any ztunnel listens in it, closing the window where traffic would bypass).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from netfilter import InpodConfig, NetfilterError, PodNetfilter
+from ztunnel.config import INPOD_MARK
+from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.node.plan import NetnsId, Plan, Running, local_pods, plan
+from ztunnel.proxy.socket_factory import NetnsSocketFactory, SocketFactory
+from ztunnel.readiness import Readiness
+from ztunnel.state.model import Workload
+from ztunnel.state.store import StoreChange, WorkloadStore
+
+log = logging.getLogger(__name__)
+
+READINESS_TASK = "workload proxy manager"
+DEFAULT_RETRY_INTERVAL = 5.0
+
+
+class PodProxies(Protocol):
+    """What the app must offer the agent: start and stop the in-pod proxies of one pod."""
+
+    async def start_pod(self, workload: Workload, sockets: SocketFactory) -> None:
+        """Open 15001/15006/15008 with ``sockets`` (they live in the pod netns) and serve as
+        ``workload``. On failure raise, with nothing left bound."""
+        ...
+
+    async def stop_pod(self, uid: str) -> None:
+        """Stop accepting at once, let this pod's connections finish (drain deadline), close."""
+        ...
+
+
+class RuleProgrammer(Protocol):
+    """The capture rules of one pod netns (``netfilter.PodNetfilter`` fits); blocking calls."""
+
+    def program(self, netns: str, cfg: InpodConfig) -> object: ...
+
+    def unprogram(self, netns: str, cfg: InpodConfig) -> object: ...
+
+
+class CertPrefetcher(Protocol):
+    """``CertificateManager`` fits: start fetching an identity's certificate in the background."""
+
+    def prefetch(self, identity: SpiffeId) -> None: ...
+
+
+def netns_id(path: str) -> NetnsId | None:
+    """(dev, inode) of a netns file, None if it does not exist."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+@dataclass
+class _Pod:
+    workload: Workload
+    netns_id: NetnsId | None
+    up: bool = False
+    sockets: SocketFactory | None = None
+    error: str = ""
+    started_at: float = 0.0
+    attempts: int = 0
+
+    def running(self) -> Running:
+        assert self.workload.netns is not None
+        return Running(
+            uid=self.workload.uid,
+            netns=self.workload.netns,
+            netns_id=self.netns_id,
+            identity=self.workload.identity(),
+            up=self.up,
+        )
+
+
+@dataclass
+class AgentStats:
+    """Counters shown in config_dump (ztunnel's ``workload_manager_*`` meanings)."""
+
+    started: int = 0
+    stopped: int = 0
+    start_failures: int = 0
+    rules_changed: int = 0
+    """Starts that had to write rules (fresh pod or drift); adopted pods with intact rules don't."""
+    reconciles: int = 0
+    last_error: str = ""
+
+
+class NodeAgent:
+    """Reconciles the pods of ``node`` in ``store`` with rules and in-pod proxies."""
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        store: WorkloadStore,
+        proxies: PodProxies | None,
+        certs: CertPrefetcher | None = None,
+        rules: RuleProgrammer | None = None,
+        inpod: InpodConfig | None = None,
+        readiness: Readiness | None = None,
+        retry_interval: float = DEFAULT_RETRY_INTERVAL,
+        socket_factory: Callable[[str], SocketFactory] | None = None,
+        netns_id_of: Callable[[str], NetnsId | None] = netns_id,
+    ) -> None:
+        self.node = node
+        self.store = store
+        self.proxies = proxies
+        self.certs = certs
+        self.rules: RuleProgrammer = rules or PodNetfilter()
+        self.inpod = inpod or InpodConfig()
+        self.readiness = readiness
+        self.retry_interval = retry_interval
+        self._socket_factory = socket_factory or _netns_factory
+        self._netns_id_of = netns_id_of
+        self.stats = AgentStats()
+        self._pods: dict[str, _Pod] = {}
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._first_done = False
+        if readiness is not None:
+            readiness.register(READINESS_TASK, f"pods of node {node}")
+
+    # --- life cycle ------------------------------------------------------------------------
+
+    async def start(self) -> Plan:
+        """Reconcile once (adopting pods a previous ztunnel left), then follow the store."""
+        self._unsubscribe = self.store.subscribe(self._on_change)
+        result = await self.reconcile()
+        self._task = asyncio.create_task(self._loop(), name=f"node-agent:{self.node}")
+        return result
+
+    async def stop(self, *, remove_rules: bool = False) -> None:
+        """Drain every pod (in parallel). Rules stay unless ``remove_rules`` (then nothing is left)."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        async with self._lock:
+            uids = list(self._pods)
+            await asyncio.gather(
+                *(self._stop_pod(uid, remove_rules=remove_rules) for uid in uids),
+                return_exceptions=True,
+            )
+
+    def _on_change(self, change: StoreChange) -> None:
+        if change.workloads:
+            self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            pending = any(not p.up for p in self._pods.values())
+            try:
+                # Wake on a store change; with pending pods also after the retry interval.
+                await asyncio.wait_for(
+                    self._wake.wait(), timeout=self.retry_interval if pending else None
+                )
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.reconcile()
+            except Exception as exc:  # keep following the store whatever one pass did
+                self.stats.last_error = str(exc)
+                log.exception("node agent: reconcile failed")
+
+    # --- reconcile -------------------------------------------------------------------------
+
+    async def reconcile(self) -> Plan:
+        """One pass: compute the plan from the store and carry it out."""
+        async with self._lock:
+            wanted = local_pods(self.store.workloads(), self.node)
+            ids = {w.netns: self._netns_id_of(w.netns) for w in wanted.values() if w.netns}
+            steps = plan({u: p.running() for u, p in self._pods.items()}, wanted, ids)
+            if not steps.empty:
+                log.info(
+                    "node %s: start %s, stop %s, retry %s",
+                    self.node,
+                    [w.uid for w in steps.start],
+                    list(steps.stop),
+                    [w.uid for w in steps.retry],
+                )
+            # Stops first (a restarted pod must release its listeners before the new start).
+            await asyncio.gather(
+                *(self._stop_pod(uid, remove_rules=uid not in wanted) for uid in steps.stop)
+            )
+            await asyncio.gather(
+                *(self._start_pod(w, ids.get(w.netns or "")) for w in steps.start + steps.retry)
+            )
+            self.stats.reconciles += 1
+            self._update_readiness()
+            return steps
+
+    def _update_readiness(self) -> None:
+        if self.readiness is None:
+            return
+        pending = sorted(u for u, p in self._pods.items() if not p.up)
+        if pending:
+            self.readiness.register(READINESS_TASK, "pending: " + ", ".join(pending))
+        else:
+            self._first_done = True
+            self.readiness.done(READINESS_TASK)
+
+    async def _start_pod(self, w: Workload, nsid: NetnsId | None) -> None:
+        assert w.netns is not None
+        pod = self._pods.get(w.uid)
+        if pod is None:
+            pod = self._pods[w.uid] = _Pod(workload=w, netns_id=nsid)
+        pod.workload, pod.netns_id = w, nsid
+        pod.attempts += 1
+        try:
+            if nsid is None:
+                raise NetfilterError(f"network namespace {w.netns} does not exist")
+            # Rules first: listeners without rules would not see traffic; rules without listeners
+            # fail closed (refused), never open.
+            drifts = await asyncio.to_thread(self.rules.program, w.netns, self.inpod)
+            if drifts:  # [] = rules already live and right (an adopted pod)
+                self.stats.rules_changed += 1
+            if self.certs is not None:
+                self.certs.prefetch(w.identity())
+            if self.proxies is not None:
+                if pod.sockets is None:
+                    pod.sockets = await asyncio.to_thread(self._socket_factory, w.netns)
+                await self.proxies.start_pod(w, pod.sockets)
+        except Exception as exc:
+            pod.up = False
+            pod.error = f"{type(exc).__name__}: {exc}"
+            self.stats.start_failures += 1
+            self.stats.last_error = f"{w.uid}: {pod.error}"
+            log.warning(
+                "node %s: pod %s (%s) not started, retry in %.0f s: %s",
+                self.node,
+                w.uid,
+                w.netns,
+                self.retry_interval,
+                pod.error,
+            )
+            return
+        pod.up, pod.error, pod.started_at = True, "", time.time()
+        self.stats.started += 1
+        log.info("node %s: serving pod %s in %s as %s", self.node, w.uid, w.netns, w.identity())
+
+    async def _stop_pod(self, uid: str, *, remove_rules: bool) -> None:
+        pod = self._pods.pop(uid, None)
+        if pod is None:
+            return
+        netns = pod.workload.netns
+        if pod.up and self.proxies is not None:
+            try:
+                await self.proxies.stop_pod(uid)
+            except Exception:
+                log.exception("node %s: stopping pod %s failed", self.node, uid)
+            self.stats.stopped += 1
+        close = getattr(pod.sockets, "close", None)
+        if callable(close):
+            close()
+        if remove_rules and netns and self._netns_id_of(netns) is not None:
+            try:
+                await asyncio.to_thread(self.rules.unprogram, netns, self.inpod)
+            except NetfilterError as exc:
+                log.warning("node %s: removing rules of %s failed: %s", self.node, uid, exc)
+        log.info(
+            "node %s: pod %s stopped (rules %s)",
+            self.node,
+            uid,
+            "removed" if remove_rules else "kept",
+        )
+
+    # --- views -----------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._first_done and all(p.up for p in self._pods.values())
+
+    def pods(self) -> dict[str, bool]:
+        """uid -> up."""
+        return {uid: p.up for uid, p in self._pods.items()}
+
+    def snapshot(self) -> dict[str, object]:
+        """For config_dump: ``workloadState`` per uid (ztunnel's Pending/Up) and counters."""
+        return {
+            "node": self.node,
+            "workloadState": {
+                uid: {
+                    "state": "Up" if p.up else "Pending",
+                    "info": {
+                        "name": p.workload.name,
+                        "namespace": p.workload.namespace,
+                        "serviceAccount": p.workload.service_account,
+                    },
+                    "netns": p.workload.netns,
+                    "error": p.error,
+                }
+                for uid, p in sorted(self._pods.items())
+            },
+            "counters": {
+                "active_proxy_count": sum(1 for p in self._pods.values() if p.up),
+                "pending_proxy_count": sum(1 for p in self._pods.values() if not p.up),
+                "proxies_started_total": self.stats.started,
+                "proxies_stopped_total": self.stats.stopped,
+                "start_failures_total": self.stats.start_failures,
+                "rules_changed_total": self.stats.rules_changed,
+                "reconciles_total": self.stats.reconciles,
+            },
+            "lastError": self.stats.last_error,
+        }
+
+
+def _netns_factory(netns: str) -> SocketFactory:
+    return NetnsSocketFactory(netns, mark=INPOD_MARK)

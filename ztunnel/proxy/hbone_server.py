@@ -1,0 +1,348 @@
+"""The HBONE listener (port 15008): mTLS accept, CONNECT dispatch, tunnel lifecycle, drain.
+
+Owns accepting connections (TLS context fetched per connection, so certificate rotation applies to new
+connections), checking that the client's SPIFFE identity is in our trust domain before any frame is
+read, handing each well-formed CONNECT to ``on_connect`` (which decides policy and dials upstream; the
+core already answered malformed ones with 400, with no callback and no dial), sending 200 only after
+the callback accepted, copying bytes, reporting per-tunnel bytes and duration, and draining
+(GOAWAY, let tunnels finish until a deadline, then close). A reset stream cancels its callback, so a
+dial in progress is abandoned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from ztunnel.hbone.authority import Authority
+from ztunnel.hbone.connection import HboneServerConnection
+from ztunnel.hbone.errors import HboneError
+from ztunnel.hbone.events import ConnectionTerminated, Event, StreamReset, TunnelRequested
+from ztunnel.hbone.guard import DEFAULT_LIMITS, Limits
+from ztunnel.hbone.settings import SERVER_SETTINGS, H2Settings
+from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.identity.tls import verify_client_identity
+from ztunnel.proxy.copy import CopyResult, splice_socket_hbone, splice_streams_hbone
+from ztunnel.proxy.h2io import HboneProtocol, HboneStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Accept:
+    """Policy passed and the upstream is connected: a socket, or an asyncio reader/writer pair."""
+
+    sock: socket.socket | None = None
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    """Extra response headers (e.g. baggage describing the destination)."""
+
+    def __post_init__(self) -> None:
+        if (self.sock is None) == (self.reader is None or self.writer is None):
+            raise ValueError("Accept needs either sock or both reader and writer")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reject:
+    """Refuse the tunnel with ``status`` (400 bad target, 401 policy, 503 no upstream)."""
+
+    status: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TunnelStats:
+    """Reported once per tunnel when it ends."""
+
+    authority: Authority
+    peer_identity: SpiffeId | None
+    status: int
+    """200, the reject status, or 0 if the tunnel ended before an answer."""
+    bytes_from_client: int
+    bytes_to_client: int
+    duration: float
+    error: str | None
+
+
+class TunnelHandle:
+    """Lets the owner close a tunnel later (e.g. a policy change denies it now)."""
+
+    def __init__(self, stream: HboneStream) -> None:
+        self._stream = stream
+        self._task: asyncio.Task[None] | None = None
+        self.accepted = False
+
+    def close(self) -> None:
+        """Abort the tunnel: cancel the decision/dial, or reset the stream (closing upstream)."""
+        if not self.accepted and self._task is not None:
+            self._task.cancel()
+        elif not self._stream.done:
+            self._stream.reset()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TunnelRequest:
+    """What ``on_connect`` gets. ``headers`` (baggage, forwarded, traceparent) are informational
+    only: identity is ``peer_identity``, from the TLS certificate."""
+
+    authority: Authority
+    headers: tuple[tuple[str, str], ...]
+    peer_identity: SpiffeId | None
+    peer_address: object
+    local_address: object
+    tunnel: TunnelHandle = field(compare=False)
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+
+OnConnect = Callable[[TunnelRequest], Awaitable[Accept | Reject]]
+
+
+class HboneServer:
+    """Serve HBONE on a listening socket (or host/port)."""
+
+    def __init__(
+        self,
+        *,
+        ssl_context: Callable[[], ssl.SSLContext],
+        trust_domain: str,
+        on_connect: OnConnect,
+        on_tunnel_closed: Callable[[TunnelStats], None] | None = None,
+        settings: H2Settings = SERVER_SETTINGS,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self._ssl_context = ssl_context
+        self._trust_domain = trust_domain
+        self._on_connect = on_connect
+        self._on_tunnel_closed = on_tunnel_closed
+        self._settings = settings
+        self._limits = limits
+        self._listen: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._protocols: set[HboneProtocol] = set()
+        self._tasks: dict[tuple[HboneProtocol, int], asyncio.Task[None]] = {}
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._accepted: set[tuple[HboneProtocol, int]] = (
+            set()
+        )  # answered 200: a reset stops the copy
+        self.connections_accepted = 0
+        self.handshake_failures = 0
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._listen is not None, "server not started"
+        host, port = self._listen.getsockname()[:2]
+        return host, port
+
+    async def start(
+        self, sock: socket.socket | None = None, *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        """Start accepting on ``sock`` (already listening) or on a new socket bound to host:port."""
+        if sock is None:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
+        sock.setblocking(False)
+        self._listen = sock
+        self._accept_task = asyncio.get_running_loop().create_task(
+            self._accept_loop(sock), name="hbone-accept"
+        )
+
+    async def _accept_loop(self, listen: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listen)
+            except OSError as err:
+                log.warning("HBONE accept failed: %s", err)
+                await asyncio.sleep(0.05)
+                continue
+            task = loop.create_task(self._handshake(conn), name="hbone-handshake")
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        conn = HboneServerConnection(now=now, settings=self._settings, limits=self._limits)
+        proto = HboneProtocol(
+            conn,
+            loop,
+            verify=lambda obj: verify_client_identity(obj, self._trust_domain),
+            on_event=self._on_event,
+        )
+        try:
+            ctx = self._ssl_context()
+            await loop.connect_accepted_socket(
+                lambda: proto,
+                sock,
+                ssl=ctx,
+                ssl_handshake_timeout=self._limits.handshake_timeout,
+            )
+            await proto.ready
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError, Exception) as err:
+            self.handshake_failures += 1
+            log.info("HBONE handshake/identity check failed: %s", err)
+            sock.close()
+            return
+        self.connections_accepted += 1
+        self._protocols.add(proto)
+        proto.closed.add_done_callback(lambda _: self._protocols.discard(proto))
+
+    # ---------------------------------------------------------------- events
+    def _on_event(self, proto: HboneProtocol, event: Event) -> None:
+        if isinstance(event, TunnelRequested):
+            stream = proto.add_stream(event.stream_id)
+            handle = TunnelHandle(stream)
+            task = proto.loop.create_task(
+                self._serve(proto, stream, event, handle), name=f"hbone-tunnel-{event.stream_id}"
+            )
+            handle._task = task
+            self._tasks[(proto, event.stream_id)] = task
+        elif isinstance(event, StreamReset):
+            pending = self._tasks.get((proto, event.stream_id))
+            if pending is not None and (proto, event.stream_id) not in self._accepted:
+                pending.cancel()  # Rapid Reset: abandon the decision / dial in progress
+        elif isinstance(event, ConnectionTerminated):
+            for (p, _sid), task in list(self._tasks.items()):
+                if p is proto and (p, _sid) not in self._accepted:
+                    task.cancel()
+
+    async def _serve(
+        self,
+        proto: HboneProtocol,
+        stream: HboneStream,
+        event: TunnelRequested,
+        handle: TunnelHandle,
+    ) -> None:
+        sid = event.stream_id
+        conn = proto.conn
+        assert isinstance(conn, HboneServerConnection)
+        started = time.monotonic()
+        status = 0
+        error: str | None = None
+        result: CopyResult | None = None
+        decision: Accept | Reject | None = None
+        transport = proto.transport
+        request = TunnelRequest(
+            authority=event.authority,
+            headers=event.headers,
+            peer_identity=proto.peer_identity,
+            peer_address=transport.get_extra_info("peername") if transport else None,
+            local_address=transport.get_extra_info("sockname") if transport else None,
+            tunnel=handle,
+        )
+        try:
+            decision = await self._on_connect(request)
+            if isinstance(decision, Reject):
+                status = decision.status
+                error = decision.reason or None
+                conn.reject(sid, decision.status)
+                proto.forget(stream)
+                proto.flush()
+                return
+            conn.accept(sid, decision.headers)  # raises if the stream was reset meanwhile
+            self._accepted.add((proto, sid))
+            handle.accepted = True
+            status = 200
+            if not stream.established.done():
+                stream.established.set_result(())
+            proto.flush()
+            if decision.sock is not None:
+                result = await splice_socket_hbone(decision.sock, stream)
+            else:
+                assert decision.reader is not None
+                assert decision.writer is not None
+                result = await splice_streams_hbone(decision.reader, decision.writer, stream)
+            error = result.error
+        except asyncio.CancelledError:
+            error = "cancelled (stream reset or tunnel closed)"
+            _close_upstream(decision)
+            if not stream.done:
+                stream.reset()
+        except HboneError as err:
+            error = str(err)
+            _close_upstream(decision)
+        except Exception as err:
+            log.exception("HBONE on_connect failed for %s", event.authority)
+            error = f"{type(err).__name__}: {err}"
+            _close_upstream(decision)
+            if status == 0 and conn.is_open(sid):
+                status = 503
+                with contextlib.suppress(HboneError):
+                    conn.reject(sid, 503)
+                proto.flush()
+        finally:
+            self._tasks.pop((proto, sid), None)
+            self._accepted.discard((proto, sid))
+            conn.release(sid)
+            if conn.goaway_sent and conn.held_streams == 0:
+                proto.close()
+            if self._on_tunnel_closed is not None:
+                self._on_tunnel_closed(
+                    TunnelStats(
+                        authority=event.authority,
+                        peer_identity=proto.peer_identity,
+                        status=status,
+                        bytes_from_client=result.b_to_a if result else stream.bytes_received,
+                        bytes_to_client=result.a_to_b if result else stream.bytes_sent,
+                        duration=time.monotonic() - started,
+                        error=error,
+                    )
+                )
+
+    # ---------------------------------------------------------------- shutdown
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Stop accepting, GOAWAY every connection, wait for tunnels until ``timeout``, close."""
+        self._stop_accepting()
+        for proto in list(self._protocols):
+            proto.conn.drain()
+            proto.flush()
+            conn = proto.conn
+            assert isinstance(conn, HboneServerConnection)
+            if conn.held_streams == 0:
+                proto.close()
+        pending = [t for t in self._tasks.values() if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        await self.close()
+
+    def _stop_accepting(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            self._accept_task = None
+        if self._listen is not None:
+            self._listen.close()
+
+    async def close(self) -> None:
+        """Close everything now."""
+        self._stop_accepting()
+        for task in list(self._tasks.values()) + list(self._handshakes):
+            task.cancel()
+        for proto in list(self._protocols):
+            proto.close()
+        waits = [p.closed for p in self._protocols]
+        tasks = list(self._tasks.values()) + list(self._handshakes)
+        if waits or tasks:
+            await asyncio.wait([*waits, *tasks], timeout=2.0)
+        for proto in list(self._protocols):
+            if proto.transport is not None:
+                proto.transport.abort()
+
+
+def _close_upstream(decision: Accept | Reject | None) -> None:
+    if isinstance(decision, Accept):
+        if decision.sock is not None:
+            decision.sock.close()
+        elif decision.writer is not None:
+            decision.writer.close()

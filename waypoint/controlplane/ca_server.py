@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import grpc
 from cryptography import x509
 
+from waypoint.controlplane.grpcserve import GrpcService
 from ztunnel.identity.ca import CsrRejected
 from ztunnel.identity.spiffe import SpiffeId, SpiffeIdError
 from ztunnel.xds import protos
@@ -182,7 +183,9 @@ def effective_ttl(
     return min(datetime.timedelta(seconds=seconds), maximum)
 
 
-class IstioCaService:
+class IstioCaService(GrpcService):
+    _service_name = "CA server"
+
     """CreateCertificate over grpc.aio: authenticate, check, sign."""
 
     def __init__(
@@ -199,7 +202,6 @@ class IstioCaService:
         self._may_impersonate = may_impersonate
         self._default_ttl = default_ttl
         self._max_ttl = max_ttl
-        self._server: grpc.aio.Server | None = None
         self.issued = 0
         self.refused = 0
 
@@ -212,32 +214,6 @@ class IstioCaService:
         return grpc.method_handlers_generic_handler(
             protos.CA_SERVICE, {"CreateCertificate": handler}
         )
-
-    def add_to_server(self, server: grpc.aio.Server) -> None:
-        server.add_generic_rpc_handlers((self.rpc_handler(),))
-
-    async def start(
-        self, address: str = "127.0.0.1:0", credentials: grpc.ServerCredentials | None = None
-    ) -> int:
-        """Serve on `address` with a server of our own; returns the bound port."""
-        if self._server is not None:
-            raise RuntimeError("IstioCaService already started")
-        server = grpc.aio.server()
-        self.add_to_server(server)
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
-        if port == 0:
-            raise OSError(f"CA server cannot bind {address}")
-        await server.start()
-        self._server = server
-        return int(port)
-
-    async def stop(self, grace: float | None = None) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            await server.stop(grace)
 
     async def create_certificate(
         self, request: protos.IstioCertificateRequest, metadata: Mapping[str, str]

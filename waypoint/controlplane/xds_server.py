@@ -28,6 +28,7 @@ import grpc
 from google.protobuf.message import Message
 
 from waypoint.controlplane.delta import Snapshot, Subscription
+from waypoint.controlplane.grpcserve import GrpcService
 from ztunnel.xds import protos
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ class _Connection:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class XdsServer:
+class XdsServer(GrpcService):
+    _service_name = "xDS server"
+
     """Delta ADS over a versioned snapshot; add to a grpc.aio server or start() its own."""
 
     def __init__(
@@ -88,7 +91,6 @@ class XdsServer:
         self._on_nack = on_nack
         self._connections: set[_Connection] = set()
         self._nonces = itertools.count(1)
-        self._server: grpc.aio.Server | None = None
         self.nacks: deque[NackRecord] = deque(maxlen=max_nack_records)
         self.acks = 0
 
@@ -134,32 +136,6 @@ class XdsServer:
         return grpc.method_handlers_generic_handler(
             protos.ADS_SERVICE, {"DeltaAggregatedResources": handler}
         )
-
-    def add_to_server(self, server: grpc.aio.Server) -> None:
-        server.add_generic_rpc_handlers((self.rpc_handler(),))
-
-    async def start(
-        self, address: str = "127.0.0.1:0", credentials: grpc.ServerCredentials | None = None
-    ) -> int:
-        """Serve on `address` with a server of our own; returns the bound port."""
-        if self._server is not None:
-            raise RuntimeError("XdsServer already started")
-        server = grpc.aio.server()
-        self.add_to_server(server)
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
-        if port == 0:
-            raise OSError(f"xDS server cannot bind {address}")
-        await server.start()
-        self._server = server
-        return int(port)
-
-    async def stop(self, grace: float | None = None) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            await server.stop(grace)
 
     async def _serve(
         self,

@@ -13,18 +13,15 @@ Pure: the store and the map of this node's workloads are read only.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ztunnel.config import ILLEGAL_PORTS
+from ztunnel.hbone.authority import AuthorityError
+from ztunnel.hbone.authority import parse_authority as parse_hbone_authority
 from ztunnel.state.model import GatewayAddress, IPAddress, NamespacedHostname, Service, Workload
 from ztunnel.state.routing import SockAddr
 from ztunnel.state.store import WorkloadStore
-
-
-class AuthorityError(ValueError):
-    """An HBONE ``:authority`` that is not ``ip:port`` / ``[ipv6]:port``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,28 +54,15 @@ InboundDecision = InboundAccept | InboundReject
 
 
 def parse_authority(authority: str) -> SockAddr:
-    """Parse ``a.b.c.d:port`` or ``[v6]:port`` strictly (no hostnames, no zone ids, port 1-65535)."""
-    host, sep, port_text = authority.rpartition(":")
-    if not sep or not host:
-        raise AuthorityError(f"authority {authority!r} is not ip:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if "." in host and ":" not in host:
-            raise AuthorityError(f"authority {authority!r}: brackets are only for IPv6")
-    elif ":" in host:
-        raise AuthorityError(f"authority {authority!r}: an IPv6 address must be in brackets")
-    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
-        raise AuthorityError(f"authority {authority!r}: port {port_text!r} is not a number")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise AuthorityError(f"authority {authority!r}: port {port} is out of range")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise AuthorityError(f"authority {authority!r}: {host!r} is not an IP address") from None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
-        raise AuthorityError(f"authority {authority!r}: zone ids are not allowed")
-    return SockAddr(ip, port)
+    """Parse an inbound ``:authority``: the HBONE core's strict grammar, and it must name an IP.
+
+    Hostname authorities are for double HBONE through a network gateway, which this ztunnel does
+    not terminate; they are refused like any other malformed target (400).
+    """
+    parsed = parse_hbone_authority(authority)
+    if isinstance(parsed.host, str):
+        raise AuthorityError(f"authority {authority!r}: {parsed.host!r} is not an IP address")
+    return SockAddr(parsed.host, parsed.port)
 
 
 def resolve_inbound_hbone(

@@ -72,7 +72,7 @@ def test_parse_authority_never_crashes(text):
         ("10.0.0.2:15001", "10.0.0.2", 503, "port 15001"),
         ("10.0.0.9:8080", "10.0.0.2", 400, "does not match"),
         ("10.96.0.1:80", "10.0.0.2", 400, "does not match"),
-        ("bogus", "10.0.0.2", 400, "not ip:port"),
+        ("bogus", "10.0.0.2", 400, "has no port"),
         ("10.96.0.1:80", "10.0.0.9", 200, "sandwich-service"),
         ("10.0.0.2:8080", "10.0.0.9", 200, "sandwich-workload"),
         ("10.0.0.5:8080", "10.0.0.3", 200, "app-tunnel"),

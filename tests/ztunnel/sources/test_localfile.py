@@ -43,9 +43,9 @@ def test_complete_example_loads_into_a_store():
     assert len(store.workloads_on_node("node-a")) == 4
 
 
-def test_doc_embeds_the_example():
-    doc = (ROOT / "docs" / "local-config.md").read_text()
-    assert EXAMPLE.read_text().strip() in doc
+@pytest.mark.parametrize("doc", ["docs/local-config.md", "README.md"])
+def test_doc_embeds_the_example(doc):
+    assert EXAMPLE.read_text().strip() in (ROOT / doc).read_text()
 
 
 def test_istio_style_minimal_file():

@@ -16,7 +16,10 @@ import multiprocessing as mp
 import socket
 import ssl
 import struct
+import sys
 import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from ztunnel.hbone.authority import Authority
 from ztunnel.identity.ca import LocalCa
@@ -94,7 +97,10 @@ async def _serve(conn: mp.connection.Connection, pems: dict[str, bytes]) -> None
             await relay(client)
             return
         # TLS relay: terminate TLS with a protocol that forwards to the upstream transport.
-        await _tls_relay(client, wrap, ports)
+        try:
+            await _tls_relay(client, wrap, lambda which: _connect_upstream(ports[which]))
+        except (ConnectionError, ssl.SSLError):
+            client.close()  # the client went away during set-up: nothing to relay
 
     tcp_listen = _listener()
     tls_listen = _listener()
@@ -130,26 +136,45 @@ def _listener() -> socket.socket:
 
 
 class _Fwd(asyncio.Protocol):
-    """Forwards everything it receives to ``peer`` transport; mirrors pause/resume and EOF."""
+    """Forwards everything it receives to the ``attach``-ed peer transport; mirrors pause/resume
+    and EOF. Until attached it buffers and stops reading, so nothing sent before the relay has
+    dialled its upstream is lost (the bug behind the 512 MiB stall: bytes that arrived during the
+    dial were appended to an already-emptied buffer and never forwarded)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: bool = False) -> None:
         self.peer: asyncio.Transport | None = None
         self.t: asyncio.Transport | None = None
         self.early: list[bytes] = []
+        self.tls = tls
+        self.first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.peer is None:
-            self.early.append(data)
-        else:
+        if self.peer is not None:
             self.peer.write(data)
+            return
+        self.early.append(data)
+        if self.t is not None:
+            self.t.pause_reading()  # backpressure while there is nowhere to forward to
+        if not self.first.done():
+            self.first.set_result(None)
+
+    def attach(self, peer: asyncio.Transport) -> None:
+        """Start forwarding to ``peer``: buffered bytes first, in order, then resume reading."""
+        for data in self.early:
+            if data:
+                peer.write(data)
+        self.early.clear()
+        self.peer = peer
+        if self.t is not None and not self.t.is_closing():
+            self.t.resume_reading()
 
     def eof_received(self) -> bool:
         if self.peer is not None and self.peer.can_write_eof():
             self.peer.write_eof()
-        return True
+        return not self.tls  # returning True means nothing for TLS transports (and warns)
 
     def pause_writing(self) -> None:
         if self.peer is not None:
@@ -162,25 +187,28 @@ class _Fwd(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None:
             self.peer.close()
+        if not self.first.done():
+            self.first.set_exception(ConnectionError("client closed before the first byte"))
+            self.first.exception()
 
 
-async def _tls_relay(client: socket.socket, ctx: ssl.SSLContext, ports: dict[str, int]) -> None:
+Dial = Callable[[str], Awaitable[socket.socket]]
+
+
+async def _tls_relay(client: socket.socket, ctx: ssl.SSLContext, dial: Dial) -> None:
+    """Baseline: terminate TLS, read the 1-byte upstream selector, dial it, forward both ways."""
     loop = asyncio.get_running_loop()
-    down = _Fwd()
+    down = _Fwd(tls=True)
     await loop.connect_accepted_socket(lambda: down, client, ssl=ctx)
-    while not down.early:
-        await asyncio.sleep(0.001)
-    first = b"".join(down.early)
-    which, rest = first[:1].decode(), first[1:]
-    down.early.clear()
+    await down.first
+    which = down.early[0][:1].decode()
+    down.early[0] = down.early[0][1:]
     up = _Fwd()
-    up_sock = await _connect_upstream(ports[which])
-    await loop.connect_accepted_socket(lambda: up, up_sock)
+    await loop.connect_accepted_socket(lambda: up, await dial(which))
     assert up.t is not None
     assert down.t is not None
-    up.peer, down.peer = down.t, up.t
-    if rest:
-        up.t.write(rest)
+    up.attach(down.t)
+    down.attach(up.t)
 
 
 def _load_cert(blob: bytes):  # pickled WorkloadCertificate
@@ -246,6 +274,21 @@ async def _rate(open_one, workers: int, seconds: float) -> float:
     return count / (time.perf_counter() - start)
 
 
+async def _phase(what: str, coro: Coroutine[Any, Any, float], timeout: float) -> float:
+    """Run one measurement with a deadline; progress goes to stderr so a stall names its phase."""
+    started = time.perf_counter()
+    print(f"  {what} ...", end="", file=sys.stderr, flush=True)
+    try:
+        value = await asyncio.wait_for(coro, timeout)
+    except TimeoutError:
+        print(" STALLED", file=sys.stderr, flush=True)
+        raise SystemExit(
+            f"benchmark phase '{what}' made no progress within {timeout:.0f} s"
+        ) from None
+    print(f" {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    return value
+
+
 async def _client(
     ports: dict[str, int], cert, server_ctx_cert, args: argparse.Namespace
 ) -> dict[str, dict[str, float]]:
@@ -279,16 +322,18 @@ async def _client(
 
     for name in ("tcp", "tls", "hbone"):
         if name == "hbone":
-            secs = await _throughput_hbone(pool, key, ports["s"], total)
+            coro = _throughput_hbone(pool, key, ports["s"], total)
         else:
-            secs = await _throughput_plain(ports[name], total, ctx if name == "tls" else None)
+            coro = _throughput_plain(ports[name], total, ctx if name == "tls" else None)
+        secs = await _phase(f"{name} throughput", coro, args.phase_timeout)
         gbps = total * 8 / secs / 1e9
         if name == "hbone":
-            rate = await _rate(hbone_open, args.workers, args.seconds)
+            coro = _rate(hbone_open, args.workers, args.seconds)
         else:
-            rate = await _rate(
+            coro = _rate(
                 lambda n=name: plain_open(ports[n], n == "tls"), args.workers, args.seconds
             )
+        rate = await _phase(f"{name} request rate", coro, args.phase_timeout + args.seconds)
         results[name] = {"gbps": gbps, "rps": rate}
     await pool.close()
     return results
@@ -296,10 +341,13 @@ async def _client(
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench hbone_loopback")
-    parser.add_argument("--mib", type=int, default=256, help="single-stream payload (MiB)")
+    parser.add_argument("--mib", type=int, default=512, help="single-stream payload (MiB)")
     parser.add_argument("--workers", type=int, default=64, help="concurrent request streams")
-    parser.add_argument("--seconds", type=float, default=2.0, help="request-rate duration")
+    parser.add_argument("--seconds", type=float, default=3.0, help="request-rate duration")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
+    parser.add_argument(
+        "--phase-timeout", type=float, default=60.0, help="seconds before a phase counts as stalled"
+    )
     args = parser.parse_args(argv)
     import pickle
 

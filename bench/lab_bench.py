@@ -1,4 +1,5 @@
-"""The lab benchmark: pod-to-pod across nodes, direct vs through the mesh vs a stunnel TLS pair.
+"""The lab benchmark: pod-to-pod across nodes, direct vs through the mesh vs a stunnel TLS pair,
+and HTTP through a waypoint vs the L4-only mesh vs direct.
 
 One lab (the default spec), one run, three paths between two nodes:
 * **direct**: ``legacy`` (n1) -> ``external`` (n2), both outside the mesh: plain TCP, the floor;
@@ -11,6 +12,17 @@ For each: iperf3 throughput (one stream), and request/response rate and p50/p99 
 Python load generator (``bench.lab_load``, 16 connections, 64-byte echo). Printed as a table with
 ratios to direct, plus ztunnel CPU seconds per GB moved (both nodes' ztunnels during the mesh
 iperf3) and ztunnel RSS per open connection (200 idle connections held through the mesh).
+
+L7 (HTTP/1.1 keep-alive, ``bench.lab_load http``, 8 connections, ``GET /`` answered by the same
+``e2e.lab.apps http`` server on n2 in each case), three paths in the same run:
+* **direct**: ``legacy`` (n1) -> ``external`` (n2) pod IP, no mesh;
+* **mesh L4**: ``client`` (n1) -> service ``server`` VIP: ztunnels only (HBONE n1 -> n2);
+* **waypoint**: ``client`` (n1) -> service ``flaky`` VIP (bound to the waypoint; its one pod is on
+  n2, its app started without failures): ztunnel -> waypoint pod (n1) -> HTTP parsed, routed
+  (HTTPRoute ``demo/flaky``), authorized, recorded -> HBONE to the pod's ztunnel on n2;
+printed as requests per second and p50/p99 latency with ratios to direct, plus the waypoint's CPU
+milliseconds per request.
+
 Everything shares 2 cores, so compare ratios from this run, not absolutes (performance.md).
 """
 
@@ -30,7 +42,8 @@ from e2e.lab.cluster import Lab
 from ztunnel.identity.ca import LocalCa
 from ztunnel.identity.spiffe import SpiffeId
 
-IPERF_PORT, ECHO_PORT = 5201, 9000
+IPERF_PORT, ECHO_PORT, HTTP_PORT = 5201, 9000, 8080
+HTTP_CONNS = 8
 ST_IPERF, ST_ECHO = 15201, 15202  # stunnel client ports (loopback in the client pod)
 ST_TLS_IPERF, ST_TLS_ECHO = 15443, 15444
 
@@ -135,6 +148,37 @@ def _rr(lab: Lab, pod: str, host: str, port: int, seconds: float) -> dict[str, f
     return result
 
 
+def _http(lab: Lab, pod: str, host: str, port: int, seconds: float) -> dict[str, float]:
+    argv = [lab.python, "-m", "bench.lab_load", "http", "--host", host, "--port", str(port),
+            "--conns", str(HTTP_CONNS), "--seconds", str(seconds)]  # fmt: skip
+    proc = lab.exec(pod, argv, timeout=seconds + 30)
+    if proc.returncode != 0:
+        raise RuntimeError(f"HTTP load generator in {pod}: {proc.stderr}")
+    result: dict[str, float] = json.loads(proc.stdout)
+    return result
+
+
+def run_l7(lab: Lab, seconds: float) -> dict[str, dict[str, float]]:
+    """HTTP request rate and latency: direct, L4 mesh, through the waypoint (same run)."""
+    apps = [lab.start_app(pod, "http", HTTP_PORT) for pod in ("external", "server", "flaky")]
+    with _procs(apps):
+        paths = {
+            "direct": ("legacy", lab.ip("external"), HTTP_PORT),
+            "mesh L4": ("client", str(lab.spec.service("demo/server").vip), 80),
+            "waypoint": ("client", str(lab.spec.service("demo/flaky").vip), 80),
+        }
+        waypoint = [psutil.Process(w.pid) for w in lab.waypoints.values()]
+        results: dict[str, dict[str, float]] = {}
+        for name, (pod, host, port) in paths.items():
+            _http(lab, pod, host, port, 0.3)  # warm-up: pooled HBONE connections, caches
+            cpu0 = _cpu(waypoint)
+            r = _http(lab, pod, host, port, seconds)
+            cpu = _cpu(waypoint) - cpu0
+            r["waypoint_cpu_ms_per_req"] = cpu * 1000 / r["requests"] if r["requests"] else 0.0
+            results[name] = r
+    return results
+
+
 def _ztunnels(lab: Lab) -> list[psutil.Process]:
     out = []
     for z in lab.ztunnels.values():
@@ -152,9 +196,12 @@ def _rss(procs: list[psutil.Process]) -> int:
     return sum(p.memory_info().rss for p in procs)
 
 
-def run(seconds: float, hold_conns: int) -> dict[str, object]:
+def run(seconds: float, hold_conns: int, *, l7_only: bool = False) -> dict[str, object]:
     lab = Lab.up(log_level="warning")
     try:
+        l7 = run_l7(lab, seconds)
+        if l7_only:
+            return {"l7": l7}
         ext, srv = lab.ip("external"), lab.ip("server")
         servers = [
             lab.popen(
@@ -219,6 +266,7 @@ def run(seconds: float, hold_conns: int) -> dict[str, object]:
             holder.wait(timeout=10)
             rss_per_conn = (rss1 - rss0) / hold_conns if line.startswith("held") else float("nan")
         return {
+            "l7": l7,
             "paths": results,
             "cpu_s_per_gb": cpu_per_gb,
             "rss_per_conn_kib": rss_per_conn / 1024,
@@ -228,7 +276,31 @@ def run(seconds: float, hold_conns: int) -> dict[str, object]:
         lab.down()
 
 
+def l7_table(l7: dict[str, dict[str, float]]) -> str:
+    d = l7["direct"]
+    lines = [
+        f"HTTP/1.1 keep-alive, {HTTP_CONNS} connections, GET / (client n1 -> server pod n2)",
+        f"{'path':<9} {'req/s':>9} {'x direct':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}",
+    ]
+    for name, r in l7.items():
+        lines.append(
+            f"{name:<9} {r['rps']:>9.0f} {r['rps'] / d['rps']:>8.2f} {r['p50_us'] / 1000:>8.2f} "
+            f"{r['p99_us'] / 1000:>8.2f} {r['errors']:>6.0f}"
+        )
+    w, m = l7["waypoint"], l7["mesh L4"]
+    lines += [
+        f"waypoint vs mesh L4: request rate x{w['rps'] / m['rps']:.2f}, "
+        f"p50 +{(w['p50_us'] - m['p50_us']) / 1000:.2f} ms",
+        f"waypoint CPU per request (its process): {w['waypoint_cpu_ms_per_req']:.2f} ms",
+    ]
+    return "\n".join(lines)
+
+
 def table(res: dict[str, object]) -> str:
+    l7 = res["l7"]
+    assert isinstance(l7, dict)
+    if "paths" not in res:
+        return l7_table(l7)
     paths = res["paths"]
     assert isinstance(paths, dict)
     d = paths["direct"]
@@ -246,6 +318,8 @@ def table(res: dict[str, object]) -> str:
         f"mesh vs stunnel: throughput x{m['gbps'] / s['gbps']:.2f}, request rate x{m['rps'] / s['rps']:.2f}",
         f"ztunnel CPU seconds per GB (both nodes, mesh iperf3): {res['cpu_s_per_gb']:.2f}",
         f"ztunnel RSS per open connection (both nodes, {res['held']}): {res['rss_per_conn_kib']:.1f} KiB",
+        "",
+        l7_table(l7),
     ]
     return "\n".join(lines)
 
@@ -257,8 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--hold", type=int, default=200, help="idle mesh connections for RSS")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--l7-only", action="store_true", help="only the HTTP comparison (waypoint, mesh, direct)"
+    )
     args = parser.parse_args(list(argv or []))
-    res = run(args.seconds, args.hold)
+    res = run(args.seconds, args.hold, l7_only=args.l7_only)
     print(json.dumps(res, indent=2) if args.json else table(res))
     return 0
 

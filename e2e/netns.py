@@ -8,14 +8,14 @@ Kernel names are short (IFNAMSIZ 15), so keep the parts short.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import secrets
 import subprocess
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+from netfilter.netns import in_netns_thread
 
 T = TypeVar("T")
 
@@ -110,35 +110,10 @@ def in_netns_env() -> dict[str, str]:
     return dict(os.environ)
 
 
-_CLONE_NEWNET = 0x40000000
-
-
 def in_netns(path: str, fn: Callable[[], T]) -> T:
     """Run `fn` in a short-lived thread that has entered the netns at `path`; return its result.
 
-    setns(2) only moves the calling thread, so the test's own thread never changes namespace.
-    Sockets keep the namespace they were created in, so a socket made by `fn` can then be used
-    from any thread: `in_netns(p, lambda: socket.socket())` gives a socket living in that netns.
+    Sockets keep the namespace they were created in: `in_netns(p, lambda: socket.socket())` gives a
+    socket living in that netns, usable from any thread. (netfilter.netns.in_netns_thread does it.)
     """
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def runner() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            with open(path, "rb") as handle:
-                if libc.setns(handle.fileno(), _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({path}): {os.strerror(err)}")
-            result.append(fn())
-        except BaseException as exc:
-            error.append(exc)
-
-    thread = threading.Thread(target=runner, name=f"netns:{path}", daemon=True)
-    thread.start()
-    thread.join(timeout=30)
-    if thread.is_alive():
-        raise TimeoutError(f"in_netns({path}) did not finish within 30 s")
-    if error:
-        raise error[0]
-    return result[0]
+    return in_netns_thread(path, fn)

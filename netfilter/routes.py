@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from netfilter.model import Family, IpRuleSpec, LocalRouteSpec, NetfilterError, RouteSpec
+from netfilter.netns import NetnsEnterError, in_netns_thread
+
+_T = TypeVar("_T")
 
 _AF = {Family.V4: socket.AF_INET, Family.V6: socket.AF_INET6}
 _RTN_LOCAL = 2
@@ -47,23 +50,42 @@ class RouteOps(Protocol):
 
 
 class Pyroute2RouteOps:
-    """`RouteOps` over pyroute2, entering the netns by path (`/run/netns/x`, `/proc/<pid>/ns/net`)."""
+    """`RouteOps` over pyroute2 netlink, inside the netns at a path (`/run/netns/x`, `/proc/<pid>/ns/net`).
+
+    Every operation runs in a short-lived thread that has entered the namespace (`netfilter.netns`),
+    with a plain `IPRoute` socket there. pyroute2's `NetNS` is not used: it forks a helper process,
+    and a fork in a process running gRPC threads can crash the child.
+    """
 
     @contextmanager
     def _ns(self, netns: str) -> Iterator[Any]:
-        from pyroute2 import NetNS  # shell-only import
+        # Runs inside in_netns_thread: this thread already is in the pod netns.
+        from pyroute2 import IPRoute  # shell-only import
 
+        ipr = IPRoute()
         try:
-            # flags=0: never create a namespace that is not there (pyroute2 defaults to O_CREAT).
-            ns = NetNS(netns, flags=0)
-        except Exception as exc:  # pyroute2 raises several types here
-            raise RouteError(f"cannot enter netns {netns}: {exc}") from exc
-        try:
-            yield ns
+            yield ipr
         finally:
-            ns.close()
+            ipr.close()
+
+    def _in(self, netns: str, fn: Callable[[], _T]) -> _T:
+        try:
+            return in_netns_thread(netns, fn)
+        except NetnsEnterError as exc:
+            raise RouteError(f"cannot enter netns {netns}: {exc}") from exc
+        except TimeoutError as exc:
+            raise RouteError(str(exc)) from exc
 
     def read(self, netns: str, table: int) -> LiveRoutes:
+        return self._in(netns, lambda: self._read(netns, table))
+
+    def change(self, netns: str, *, add: RouteSpec, delete: RouteSpec) -> None:
+        self._in(netns, lambda: self._change(netns, add=add, delete=delete))
+
+    def ipv6_usable(self, netns: str) -> bool:
+        return self._in(netns, lambda: self._ipv6_usable(netns))
+
+    def _read(self, netns: str, table: int) -> LiveRoutes:
         rules: list[IpRuleSpec] = []
         routes: list[LocalRouteSpec] = []
         foreign: list[str] = []
@@ -97,7 +119,7 @@ class Pyroute2RouteOps:
             spec=RouteSpec(rules=tuple(rules), routes=tuple(routes)), foreign=tuple(foreign)
         )
 
-    def change(self, netns: str, *, add: RouteSpec, delete: RouteSpec) -> None:
+    def _change(self, netns: str, *, add: RouteSpec, delete: RouteSpec) -> None:
         with self._ns(netns) as ns:
             for rule in delete.rules:
                 self._rule(ns, "del", rule, netns)
@@ -108,7 +130,7 @@ class Pyroute2RouteOps:
             for rule in add.rules:
                 self._rule(ns, "add", rule, netns)
 
-    def ipv6_usable(self, netns: str) -> bool:
+    def _ipv6_usable(self, netns: str) -> bool:
         with self._ns(netns) as ns:
             lo = ns.link_lookup(ifname="lo")
             return bool(lo) and bool(ns.get_addr(family=socket.AF_INET6, index=lo[0]))

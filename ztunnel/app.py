@@ -4,22 +4,35 @@ Owns start-up order, the per-workload proxies and shutdown:
 
 1. metrics (15020), readiness (15021, not ready yet) and admin (127.0.0.1:15000) servers start first,
    so "not ready, pending: config" is observable;
-2. the local config file is loaded (a bad file is fatal at start) and then watched; a rejected reload
-   keeps the old configuration in force and is counted (``istio_config_reload_failures_total``);
-3. for every local workload (the config's workloads whose ``node`` is this node, in the mesh) a
-   ``WorkloadProxy`` opens outbound 15001, inbound HBONE 15008, inbound plaintext 15006 and optionally
-   SOCKS5 15080, through a socket factory chosen by the placement: ``loopback`` binds them on the
-   workload's own IP in the current netns (tests, dedicated mode), ``inpod`` on ``[::]`` inside the
-   pod's netns with SO_MARK 0x539. Each workload's certificate is prefetched; readiness waits for it;
-4. store changes reconcile the proxies (new pods get listeners, gone pods lose them) and re-check
-   live connections against policy (the tracker);
+2. the configuration source starts filling the store: by default the local config file
+   (``LocalFileSource``: a bad file is fatal at start; it is then watched, and a rejected reload
+   keeps the old configuration in force and is counted, ``istio_config_reload_failures_total``);
+   an injected ``AppConfig.source`` (e.g. xDS) stands in for it. Readiness waits for the source's
+   first complete configuration;
+3. for every local workload a ``WorkloadProxy`` opens outbound 15001, inbound HBONE 15008, inbound
+   plaintext 15006 and optionally SOCKS5 15080. The placement decides how:
+
+   * ``inpod``: the app is the ``PodProxies`` of a ``ztunnel.node.agent.NodeAgent``, which, per pod
+     of this node (``AppConfig.local_pods``; default: store workloads on this node with a netns),
+     programs the capture rules, then has the app open the listeners on ``[::]`` inside the pod's
+     netns (``NetnsSocketFactory``: SO_MARK 0x539, SO_REUSEPORT, so a restarted ztunnel binds
+     beside the old one and adopts the pod). Failed starts stay pending, are retried and block
+     readiness; a removed pod is drained, then loses its rules;
+   * ``loopback``: listeners on the workload's own IP in the current netns (tests, dedicated
+     mode), reconciled by the app itself, no rules.
+
+   Each workload's certificate is prefetched; readiness waits for it;
+4. store changes update the proxies (new attributes, new pods, gone pods) and re-check live
+   connections against policy (the tracker);
 5. SIGTERM / SIGINT / ``/quitquitquit`` drain: listeners close at once, HBONE servers GOAWAY,
-   in-flight connections get until the deadline, then everything is closed cleanly.
+   in-flight connections get until the deadline, then everything is closed cleanly. In-pod rules
+   stay (a pod without ztunnel fails closed until the next ztunnel adopts it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import ipaddress
 import logging
@@ -30,10 +43,11 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
+from netfilter import InpodConfig
 from ztunnel import config as zc
 from ztunnel.accesslog import AccessLog, LogFormat
 from ztunnel.admin import Admin, serialize
@@ -43,6 +57,7 @@ from ztunnel.identity.ca import CaClient, LocalCa, LocalCaClient
 from ztunnel.identity.manager import CertificateManager, CertificateUnavailable
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.metrics import Metrics, Reporter
+from ztunnel.node.agent import LocalPods, NodeAgent, RuleProgrammer
 from ztunnel.proxy.connections import ConnectionTracker, ProxyContext, TrackedConnection
 from ztunnel.proxy.hbone_server import HboneServer
 from ztunnel.proxy.inbound import InboundHbone
@@ -52,9 +67,9 @@ from ztunnel.proxy.pool import HbonePool, PoolKey
 from ztunnel.proxy.socket_factory import (
     DefaultSocketFactory,
     Endpoint,
-    NetnsSocketFactory,
     SocketFactory,
     family_of,
+    local_endpoint,
     original_destination,
 )
 from ztunnel.proxy.socks5 import Socks5
@@ -80,11 +95,111 @@ class WorkloadPorts:
     socks5: int = zc.SOCKS5_PORT
 
 
+class ConfigSource(Protocol):
+    """Fills the app's ``WorkloadStore`` and says when its first complete configuration is in.
+
+    ``LocalFileSource`` is the default; an xDS client (or anything else) fits the same protocol.
+    Lifecycle: ``start`` once, ``wait_ready`` (may be awaited while the source keeps running),
+    ``stop`` once at shutdown.
+    """
+
+    kind: str
+    """Short name: the ``source`` label of ``istio_config_reload_failures_total`` ("local", "xds")."""
+
+    @property
+    def node(self) -> str | None:
+        """This node's name if the source carries it (the local file's ``node:``), after start."""
+        ...
+
+    async def start(self, store: WorkloadStore, on_rejected: Callable[[str], None]) -> None:
+        """Begin filling ``store``; may return before the first configuration is complete.
+
+        Raise (any ``Exception``, with a message naming what and where) when start-up must fail,
+        e.g. an invalid local file. Call ``on_rejected(reason)`` for every later update that was
+        rejected while the previous configuration stays in force (the app counts and logs it).
+        """
+        ...
+
+    async def wait_ready(self) -> None:
+        """Return once the first complete configuration has been applied to the store."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop following updates (the store keeps what it has)."""
+        ...
+
+    def describe(self) -> dict[str, object]:
+        """State for ``config_dump``'s ``config`` section (where from, reload counters, errors)."""
+        ...
+
+
+class LocalFileSource:
+    """The local YAML file: loaded at start (errors are fatal), then polled for changes."""
+
+    kind = "local"
+
+    def __init__(self, path: Path, *, interval: float = 0.2) -> None:
+        self.path = path
+        self.interval = interval
+        self.watcher: LocalConfigWatcher | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._node: str | None = None
+
+    @property
+    def node(self) -> str | None:
+        return self._node
+
+    async def start(self, store: WorkloadStore, on_rejected: Callable[[str], None]) -> None:
+        self.watcher = watcher = LocalConfigWatcher(self.path, store, interval=self.interval)
+        loaded = await asyncio.to_thread(watcher.load_initial)
+        self._node = loaded.node
+
+        async def poll() -> None:
+            while True:
+                await asyncio.sleep(self.interval)
+                try:
+                    applied = await watcher.check_once()
+                except Exception:  # keep watching whatever happened to one reload
+                    log.exception("local config watch failed on %s", self.path)
+                    continue
+                if applied is False:
+                    on_rejected(watcher.last_error or "rejected")
+
+        self._task = asyncio.get_running_loop().create_task(poll(), name="config-watch")
+
+    async def wait_ready(self) -> None:
+        return  # start() applied the file or failed
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def describe(self) -> dict[str, object]:
+        w = self.watcher
+        return {
+            "source": str(self.path),
+            "reloads_ok": w.reloads_ok if w else 0,
+            "reloads_failed": w.reloads_failed if w else 0,
+            "last_error": w.last_error if w else None,
+        }
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AppConfig:
-    """Everything ``ztunnel run`` decides; ports of 0 pick a free one (tests)."""
+    """Everything ``ztunnel run`` decides; ports of 0 pick a free one (tests).
 
-    config_path: Path
+    Configuration comes from ``source`` if given, else from the local file ``config_path``.
+    In-pod seams (defaults in brackets): ``local_pods`` decides which pods this node serves [store
+    workloads on this node with a netns]; ``rules`` programs their capture [``netfilter``];
+    ``pod_sockets`` makes a pod's socket factory from its netns path [``NetnsSocketFactory``].
+    """
+
+    config_path: Path | None = None
+    source: ConfigSource | None = None
+    local_pods: LocalPods | None = None
     node: str | None = None
     ca_dir: Path | None = None
     ca_address: str | None = None
@@ -105,6 +220,10 @@ class AppConfig:
     ports: WorkloadPorts = field(default_factory=WorkloadPorts)
     access_log_sink: Callable[[str], None] | None = None
     plaintext_original_dst: OriginalDst | None = None  # loopback tests: no capture, say where
+    inpod: InpodConfig = field(default_factory=InpodConfig)
+    pod_retry_interval: float = 5.0  # a pending pod is retried this often (Istio: 5 s)
+    rules: RuleProgrammer | None = None
+    pod_sockets: Callable[[str], SocketFactory] | None = None
 
 
 class AppError(Exception):
@@ -112,7 +231,10 @@ class AppError(Exception):
 
 
 class WorkloadProxy:
-    """The listeners of one local workload and the handlers behind them."""
+    """The listeners of one local workload and the handlers behind them.
+
+    The socket factory belongs to the caller (in-pod: the node agent closes it with the pod).
+    """
 
     def __init__(
         self,
@@ -136,6 +258,7 @@ class WorkloadProxy:
         self.socks5 = Socks5(self.outbound)
         self.listeners: list[Listener] = []
         self.servers: list[HboneServer] = []
+        self._hbone_sockets: list[socket.socket] = []  # the servers' listeners, for describe()
         self.state = "Pending"
 
     def update(self, workload: Workload) -> None:
@@ -144,6 +267,13 @@ class WorkloadProxy:
         self.outbound.workload = workload
         self.inbound.workload = workload
         self.plaintext.workload = workload
+
+    def same_pod(self, workload: Workload) -> bool:
+        """Can ``workload`` be served by these listeners (same addresses and identity)?"""
+        return (
+            self.workload.addresses == workload.addresses
+            and self.workload.identity() == workload.identity()
+        )
 
     def _hosts(self) -> list[IPAddress]:
         if self.config.placement is Placement.INPOD:
@@ -178,6 +308,7 @@ class WorkloadProxy:
                     on_tunnel_closed=self.inbound.on_closed,
                 )
                 sock = self.factory.listener(Endpoint(host, ports.inbound))
+                self._hbone_sockets.append(sock)
                 await server.start(sock)
                 self.servers.append(server)
         except BaseException:
@@ -200,6 +331,17 @@ class WorkloadProxy:
             for server in self.servers
         ]
 
+    async def drain(self, deadline: float) -> None:
+        """Stop accepting now, let this workload's connections finish until ``deadline``, close."""
+        if self.state == "Down":
+            return
+        self.state = "Draining"
+        waits: list[asyncio.Task[Any]] = list(self.stop_accepting(deadline))
+        waits += [task for listener in self.listeners for task in listener.connections]
+        if waits:
+            await asyncio.wait(waits, timeout=deadline)
+        await self.close()
+
     async def close(self) -> None:
         """Close everything of this workload now (removal, or the end of a drain)."""
         self.state = "Down"
@@ -207,21 +349,27 @@ class WorkloadProxy:
             await listener.close()
         for server in self.servers:
             await server.close()
+        for sock in self._hbone_sockets:
+            sock.close()  # a server that never started does not own its socket yet
         self.listeners.clear()
         self.servers.clear()
-        if isinstance(self.factory, NetnsSocketFactory):
-            self.factory.close()
+        self._hbone_sockets.clear()
 
     def describe(self) -> dict[str, object]:
+        socks = [lst.sock for lst in self.listeners] + self._hbone_sockets
         return {
             "state": self.state,
             "workload": self.workload.uid,
-            "listeners": [str(lst.address) for lst in self.listeners if lst.sock.fileno() >= 0],
+            "listeners": sorted(str(local_endpoint(s)) for s in socks if s.fileno() >= 0),
         }
 
 
 class App:
-    """One ztunnel. ``await start()``, then ``await wait()`` (returns after a drain) or ``stop()``."""
+    """One ztunnel. ``await start()``, then ``await wait()`` (returns after a drain) or ``stop()``.
+
+    In ``inpod`` placement it is also the ``PodProxies`` of its node agent (``start_pod``,
+    ``stop_pod``).
+    """
 
     def __init__(self, config: AppConfig) -> None:
         self.config = config
@@ -254,9 +402,11 @@ class App:
             illegal_ports=frozenset(illegal),
             connect_timeout=config.connect_timeout,
         )
-        self.watcher = LocalConfigWatcher(config.config_path, self.store)
+        self.source: ConfigSource = self._source()
         self.node: str | None = config.node
+        self.agent: NodeAgent | None = None  # inpod placement, once started
         self.proxies: dict[str, WorkloadProxy] = {}
+        self._draining: set[WorkloadProxy] = set()  # stopped pods finishing their connections
         self._by_ip: dict[IPAddress, WorkloadProxy] = {}
         self._runners: list[web.AppRunner] = []
         self.admin_address: tuple[str, int] | None = None
@@ -270,6 +420,14 @@ class App:
 
     # -- wiring --------------------------------------------------------------------------------
 
+    def _source(self) -> ConfigSource:
+        c = self.config
+        if c.source is not None:
+            return c.source
+        if c.config_path is None:
+            raise AppError("no configuration: give --config FILE (or inject AppConfig.source)")
+        return LocalFileSource(c.config_path, interval=c.reload_interval)
+
     def _ca_client(self) -> CaClient:
         c = self.config
         if c.ca_client is not None:
@@ -282,13 +440,12 @@ class App:
             return IstioCaClient(c.ca_address)
         raise AppError("no certificate authority: give --ca-dir or --ca-address")
 
-    def _client_context(self, identity: SpiffeId) -> ssl.SSLContext:
-        cert = self.certs.cached(identity)
-        if cert is None:
-            raise CertificateUnavailable(identity, "no valid certificate")
-        return tls.client_context(cert)
+    async def _client_context(self, identity: SpiffeId) -> ssl.SSLContext:
+        # The pool asks before it dials: waits for a first issuance, raises CertificateUnavailable.
+        return tls.client_context(await self.certs.get(identity))
 
     async def _connect_hbone(self, key: PoolKey) -> socket.socket:
+        # In-pod: the source pod's factory, so the socket lives in its netns and carries the mark.
         proxy = self._by_ip.get(key.src_ip) if key.src_ip is not None else None
         factory: SocketFactory = proxy.factory if proxy is not None else DefaultSocketFactory()
         source = key.src_ip if self.ctx.loopback else None
@@ -307,12 +464,20 @@ class App:
         if verdict.missing_policies:
             self.metrics.unknown_policy_denied(verdict.missing_policies)
 
+    def _config_rejected(self, reason: str) -> None:
+        log.error(
+            "%s configuration update rejected, previous one stays: %s", self.source.kind, reason
+        )
+        self.metrics.config_reload_failed(self.source.kind)
+
     # -- life cycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
         c = self.config
-        self.readiness.register("config", str(c.config_path))
-        self.readiness.register("workload proxies")
+        inpod = c.placement is Placement.INPOD
+        self.readiness.register("config", str(self.source.describe().get("source", "")))
+        if not inpod:
+            self.readiness.register("workload proxies")
         self.metrics_address = await self._serve(
             self.metrics.routes(), c.metrics_host, c.metrics_port
         )
@@ -322,28 +487,60 @@ class App:
         admin = Admin(dump=self.config_dump, quit=self.drain.trigger)
         self.admin_address = await self._serve(admin.routes(), c.admin_host, c.admin_port)
         try:
-            loaded = await asyncio.to_thread(self.watcher.load_initial)
+            await self.source.start(self.store, self._config_rejected)
         except Exception as err:
             await self._stop_servers()
             raise AppError(str(err)) from err
         if self.node is None:
-            self.node = loaded.node
+            self.node = self.source.node
         if self.node is None:
+            await self.source.stop()
             await self._stop_servers()
-            raise AppError(f"{c.config_path}: no node given (--node or top-level `node:`)")
-        self.readiness.done("config")
+            where = self.source.describe().get("source", self.source.kind)
+            raise AppError(f"{where}: no node given (--node or top-level `node:`)")
         self.tracker.start()
         self._unsubscribe = self.store.subscribe(self._on_store_change)
         self.drain.on_stop_accepting(self._stop_accepting)
         self.drain.on_force_close(self._force_close)
-        await self._reconcile()
-        self.readiness.done("workload proxies")
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._watch_config(), name="config-watch"),
-            loop.create_task(self._reconcile_loop(), name="reconcile"),
+        if inpod:
+            self.agent = NodeAgent(
+                node=self.node,
+                store=self.store,
+                proxies=self,
+                certs=None,  # start_pod prefetches (and readiness waits for) the certificate
+                rules=c.rules,
+                inpod=c.inpod,
+                readiness=self.readiness,
+                retry_interval=c.pod_retry_interval,
+                socket_factory=c.pod_sockets,
+                local_pods=c.local_pods,
+            )
+            agent = self.agent
+            self.metrics.watch_workload_manager(lambda: agent.counters())
+            # Rules, then listeners, for every pod known now (a restart adopts them here).
+            await agent.start()
+        else:
+            await self._reconcile()
+            self.readiness.done("workload proxies")
+            self._tasks.append(loop.create_task(self._reconcile_loop(), name="reconcile"))
+        self._tasks += [
+            loop.create_task(self._config_ready(), name="config-ready"),
             loop.create_task(self._drain_then_stop(), name="drain"),
         ]
+
+    async def _config_ready(self) -> None:
+        await self.source.wait_ready()
+        # Serve what the first complete configuration names before saying "ready": readiness
+        # never goes back, and a restarted ztunnel must listen in its pods before the old leaves.
+        try:
+            if self.agent is not None:
+                await self.agent.reconcile()
+            else:
+                await self._reconcile()
+        except Exception:  # the agent's loop retries; readiness still follows its pending pods
+            log.exception("serving the first configuration failed")
+        self.readiness.done("config")
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -381,19 +578,16 @@ class App:
             await runner.cleanup()
         self._runners.clear()
 
-    async def _watch_config(self) -> None:
-        while not self.drain.draining:
-            await asyncio.sleep(self.config.reload_interval)
-            try:
-                applied = await self.watcher.check_once()
-            except Exception:
-                log.exception("config watch failed")
-                continue
-            if applied is False:
-                self.metrics.config_reload_failed("local")
-
     def _on_store_change(self, _change: StoreChange) -> None:
-        self._reconcile_wanted.set()
+        if self.agent is None:
+            self._reconcile_wanted.set()
+            return
+        # In-pod: the agent starts/stops pods; running pods see their new attributes now.
+        for uid, proxy in self.proxies.items():
+            current = self.store.workload_by_uid(uid)
+            if current is not None and current is not proxy.workload and proxy.same_pod(current):
+                proxy.update(current)
+        self._refresh_local()
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -411,6 +605,7 @@ class App:
         return [w for w in self.store.workloads_on_node(self.node) if w.is_hbone and w.addresses]
 
     async def _reconcile(self) -> None:
+        """Loopback placement: listeners on each local workload's IPs, following the store."""
         wanted = {w.uid: w for w in self.local_workloads()}
         for uid in [u for u in self.proxies if u not in wanted]:
             proxy = self.proxies.pop(uid)
@@ -419,22 +614,24 @@ class App:
         for uid, workload in wanted.items():
             existing = self.proxies.get(uid)
             if existing is not None:
-                if existing.workload.addresses == workload.addresses and (
-                    existing.workload.identity() == workload.identity()
-                ):
+                if existing.same_pod(workload):
                     existing.update(workload)
                     continue
                 await existing.close()
                 del self.proxies[uid]
             self._want_certificate(workload.identity())
             try:
-                proxy = WorkloadProxy(self.ctx, workload, self._factory_for(workload), self.config)
+                proxy = WorkloadProxy(self.ctx, workload, DefaultSocketFactory(), self.config)
                 await proxy.start()
             except OSError as err:
                 log.error("workload %s: cannot open its listeners: %s", uid, err)
                 continue
             self.proxies[uid] = proxy
             log.info("workload %s: proxies up on %s", uid, proxy.describe()["listeners"])
+        self._refresh_local()
+
+    def _refresh_local(self) -> None:
+        """Recompute the by-IP views of the running proxies; drop certificates no pod needs."""
         self._by_ip = {ip: p for p in self.proxies.values() for ip in p.workload.addresses}
         self.ctx.local_by_ip.clear()
         self.ctx.local_by_ip.update({ip: p.workload for ip, p in self._by_ip.items()})
@@ -443,13 +640,6 @@ class App:
             self.certs.forget(identity)  # its last workload left this node
             self.readiness.done(f"certificate {identity}")
         self._wanted_identities = current
-
-    def _factory_for(self, workload: Workload) -> SocketFactory:
-        if self.config.placement is Placement.INPOD:
-            if not workload.netns:
-                raise OSError(f"workload {workload.uid} has no netns (needed for in-pod mode)")
-            return NetnsSocketFactory(workload.netns, mark=zc.INPOD_MARK)
-        return DefaultSocketFactory()
 
     def _want_certificate(self, identity: SpiffeId) -> None:
         if self.certs.cached(identity) is not None:
@@ -471,6 +661,37 @@ class App:
 
         self._tasks.append(asyncio.get_running_loop().create_task(wait_for_it()))
 
+    # -- PodProxies (the node agent's side, inpod placement) ---------------------------------------
+
+    async def start_pod(self, workload: Workload, sockets: SocketFactory) -> None:
+        """Open this pod's listeners with ``sockets`` (its netns) and serve as ``workload``."""
+        if self.drain.draining:
+            raise AppError(f"ztunnel is draining: not starting pod {workload.uid}")
+        old = self.proxies.pop(workload.uid, None)
+        if old is not None:  # the agent stops before it restarts; never leave two behind
+            await old.close()
+        proxy = WorkloadProxy(self.ctx, workload, sockets, self.config)
+        await proxy.start()  # on failure nothing is left bound; the agent keeps the pod pending
+        self.proxies[workload.uid] = proxy
+        self._want_certificate(workload.identity())
+        self._refresh_local()
+        log.info("pod %s: proxies up on %s", workload.uid, proxy.describe()["listeners"])
+
+    async def stop_pod(self, uid: str) -> None:
+        """Stop accepting at once, let the pod's connections finish until the drain deadline."""
+        proxy = self.proxies.pop(uid, None)
+        if proxy is None:
+            return
+        self._refresh_local()
+        if self.drain.draining:
+            await proxy.close()  # the app-wide drain already gave its connections their time
+            return
+        self._draining.add(proxy)
+        try:
+            await proxy.drain(self.drain.deadline)
+        finally:
+            self._draining.discard(proxy)
+
     # -- drain ---------------------------------------------------------------------------------
 
     async def _stop_accepting(self) -> None:
@@ -479,7 +700,7 @@ class App:
                 self.drain.track(task)
 
     async def _force_close(self) -> None:
-        for proxy in self.proxies.values():
+        for proxy in [*self.proxies.values(), *self._draining]:
             await proxy.close()
 
     async def _drain_then_stop(self) -> None:
@@ -490,10 +711,13 @@ class App:
         for task in self._tasks:
             if task is not asyncio.current_task():
                 task.cancel()
+        await self.source.stop()
         if self._unsubscribe is not None:
             self._unsubscribe()
         self.tracker.stop()
-        for proxy in list(self.proxies.values()):
+        if self.agent is not None:
+            await self.agent.stop()  # rules stay: the next ztunnel adopts the pods
+        for proxy in [*self.proxies.values(), *self._draining]:
             await proxy.close()
         self.proxies.clear()
         await self.pool.close()
@@ -503,32 +727,44 @@ class App:
 
     # -- introspection -------------------------------------------------------------------------
 
+    def workload_state(self) -> dict[str, Any]:
+        """Per pod: Pending|Up (and why pending), with the listeners that serve it."""
+        if self.agent is None:
+            return {uid: p.describe() for uid, p in self.proxies.items()}
+        states = self.agent.workload_state()
+        for uid, entry in states.items():
+            proxy = self.proxies.get(uid)
+            entry["listeners"] = proxy.describe()["listeners"] if proxy is not None else []
+        return states
+
     def config_dump(self) -> dict[str, Any]:
         certificates = [
             {k: v for k, v in entry.items() if k not in ("chain", "roots")}
             | {"chain": entry["chain"]}
             for entry in self.certs.snapshot()
         ]
-        return {
+        dump: dict[str, Any] = {
             "node": self.node,
             "workloads": serialize(list(self.store.workloads())),
             "services": serialize(list(self.store.services())),
             "policies": serialize(list(self.store.policies())),
             "certificates": certificates,
             "connections": self.tracker.snapshot(),
-            "workloadState": {uid: p.describe() for uid, p in self.proxies.items()},
+            "workloadState": self.workload_state(),
             "config": {
-                "source": str(self.config.config_path),
+                **self.source.describe(),
+                "kind": self.source.kind,
                 "version": self.store.version,
-                "reloads_ok": self.watcher.reloads_ok,
-                "reloads_failed": self.watcher.reloads_failed,
-                "last_error": self.watcher.last_error,
                 "placement": self.config.placement.value,
             },
             "pool": serialize(self.pool.statistics()),
             "ready": self.readiness.ready,
             "pending": self.readiness.pending(),
         }
+        if self.agent is not None:
+            snapshot = self.agent.snapshot()
+            dump["nodeAgent"] = {k: snapshot[k] for k in ("counters", "lastError")}
+        return dump
 
     def url(self, which: str) -> str:
         address = {

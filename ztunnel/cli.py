@@ -2,8 +2,14 @@
 
 ``ztunnel run --config FILE [--node NAME] [--ca-dir DIR | --ca-address HOST:PORT] [--admin-port N]
 [--metrics-port N] [--readiness-port N] [--placement inpod|loopback] [--log-format text|json]
-[--drain-deadline SECONDS] [--no-socks5] [--log-level LEVEL]`` runs until SIGTERM/SIGINT or
-``/quitquitquit`` and drains gracefully.
+[--drain-deadline SECONDS] [--no-socks5] [--log-level LEVEL] [--rules-backend auto|nft|iptables]
+[--pod-retry-interval SECONDS]`` runs until SIGTERM/SIGINT or ``/quitquitquit`` and drains
+gracefully. With ``--placement inpod`` it programs each local pod's capture rules and listens inside
+the pod's network namespace (root needed).
+
+Kubernetes mode: ``ztunnel run --placement inpod`` without ``--config`` and with ``XDS_ADDRESS`` set
+(or ``--xds-address``) takes its workloads over xDS, its certificates from ``CA_ADDRESS`` and the
+pods of ``NODE_NAME`` from the API server (``ztunnel.kube.mode``; flags override the environment).
 
 ``ztunnel config workloads|services|policies|certificates|connections [--admin URL] [--json]``
 reads ``/config_dump`` from the admin endpoint and prints a table (or the raw JSON section), in the
@@ -16,10 +22,11 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,11 +210,25 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the proxy")
-    run.add_argument("--config", required=True, type=Path, help="local config file (YAML)")
-    run.add_argument("--node", help="this node's name (default: the file's top-level `node`)")
-    ca = run.add_mutually_exclusive_group(required=True)
+    run.add_argument(
+        "--config",
+        type=Path,
+        help="local config file (YAML); without it and with XDS_ADDRESS set: Kubernetes mode",
+    )
+    run.add_argument(
+        "--node", help="this node's name (default: the file's `node`, or NODE_NAME in Kubernetes)"
+    )
+    ca = run.add_mutually_exclusive_group()
     ca.add_argument("--ca-dir", type=Path, help="local CA directory (LocalCa layout)")
-    ca.add_argument("--ca-address", help="Istio CA address (host:port)")
+    ca.add_argument(
+        "--ca-address", help="Istio CA address (host:port; Kubernetes: overrides CA_ADDRESS)"
+    )
+    run.add_argument(
+        "--xds-address", help="Kubernetes mode: control plane URL (overrides XDS_ADDRESS)"
+    )
+    run.add_argument(
+        "--kubeconfig", help="Kubernetes mode: kubeconfig (default: KUBECONFIG, else in-cluster)"
+    )
     run.add_argument("--admin-port", type=int, default=zc.ADMIN_PORT)
     run.add_argument("--metrics-port", type=int, default=zc.METRICS_PORT)
     run.add_argument("--readiness-port", type=int, default=zc.READINESS_PORT)
@@ -216,6 +237,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="info")
     run.add_argument("--drain-deadline", type=float, default=DEFAULT_DEADLINE)
     run.add_argument("--no-socks5", action="store_true", help="no SOCKS5 listener (15080)")
+    run.add_argument(
+        "--rules-backend",
+        choices=["auto", "nft", "iptables"],
+        default="auto",
+        help="inpod: how capture rules are programmed (auto prefers nft)",
+    )
+    run.add_argument(
+        "--pod-retry-interval",
+        type=float,
+        default=5.0,
+        help="inpod: seconds between retries of a pod whose start failed",
+    )
 
     cfg = sub.add_parser("config", help="show a running ztunnel's state")
     cfg.add_argument("section", choices=SECTIONS)
@@ -224,14 +257,68 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def kubernetes_mode(args: argparse.Namespace, env: Mapping[str, str]) -> bool:
+    """``ztunnel run`` without ``--config`` and with a control plane address = Kubernetes mode."""
+    return args.config is None and bool(args.xds_address or env.get("XDS_ADDRESS"))
+
+
+def _kube_pieces(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any]:
+    """AppConfig fields of Kubernetes mode: xDS source, Istio CA client, pod watcher, rules."""
+    from ztunnel.kube.mode import KubeModeConfig, build
+
+    mode = build(
+        KubeModeConfig.from_env(
+            env,
+            {
+                "XDS_ADDRESS": args.xds_address,
+                "CA_ADDRESS": args.ca_address,
+                "NODE_NAME": args.node,
+                "KUBECONFIG": args.kubeconfig,
+            },
+        )
+    )
+    return {
+        "source": mode.source,
+        "ca_client": mode.ca_client,
+        "local_pods": mode.local_pods,
+        "rules": mode.rules,
+        "node": mode.config.node,
+    }
+
+
 async def _run(args: argparse.Namespace) -> int:
+    from netfilter import Backend, InpodConfig
     from ztunnel.app import App, AppConfig, AppError, Placement
+
+    log = logging.getLogger("ztunnel")
+    kube: dict[str, Any] = {}
+    if kubernetes_mode(args, os.environ):
+        if args.ca_dir is not None:
+            log.error(
+                "start-up failed: --ca-dir is for local mode; Kubernetes mode uses CA_ADDRESS"
+            )
+            return 1
+        try:
+            kube = _kube_pieces(args, os.environ)
+        except ValueError as err:
+            log.error("start-up failed: %s", err)
+            return 1
+    elif args.config is None:
+        log.error("start-up failed: give --config FILE, or set XDS_ADDRESS for Kubernetes mode")
+        return 1
+    elif args.ca_dir is None and args.ca_address is None:
+        log.error("start-up failed: no certificate authority: give --ca-dir or --ca-address")
+        return 1
 
     config = AppConfig(
         config_path=args.config,
-        node=args.node,
+        node=kube.get("node", args.node),
         ca_dir=args.ca_dir,
-        ca_address=args.ca_address,
+        ca_address=None if kube else args.ca_address,
+        source=kube.get("source"),
+        ca_client=kube.get("ca_client"),
+        local_pods=kube.get("local_pods"),
+        rules=kube.get("rules"),
         placement=Placement(args.placement),
         admin_port=args.admin_port,
         metrics_port=args.metrics_port,
@@ -239,12 +326,14 @@ async def _run(args: argparse.Namespace) -> int:
         log_format=LogFormat(args.log_format),
         drain_deadline=args.drain_deadline,
         socks5=not args.no_socks5,
+        inpod=InpodConfig(backend=Backend(args.rules_backend)),
+        pod_retry_interval=args.pod_retry_interval,
     )
     try:
         app = App(config)
         await app.start()
     except (AppError, OSError, ValueError) as err:
-        logging.getLogger("ztunnel").error("start-up failed: %s", err)
+        log.error("start-up failed: %s", err)
         return 1
     app.install_signal_handlers()
     logging.getLogger("ztunnel").info(

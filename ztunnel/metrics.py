@@ -7,16 +7,21 @@ set (``traffic_labels``; unknown values are ``"unknown"``, as Istio), and the HT
 Byte counters follow Istio's meaning for both reporters: ``istio_tcp_received_bytes_total`` counts
 bytes of the request direction (client to server), ``istio_tcp_sent_bytes_total`` the response
 direction (server to client).
+
+In-pod mode adds the node agent's ``workload_manager_*`` gauges and counters (Istio's names), read
+from the agent's counters at scrape time (``watch_workload_manager``).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.state.model import Service, Workload
@@ -226,6 +231,10 @@ class Metrics:
     def config_reload_failed(self, source: str) -> None:
         self.config_reload_failures.labels(source=source).inc()
 
+    def watch_workload_manager(self, counters: Callable[[], Mapping[str, object]]) -> None:
+        """Export the node agent's counters (its ``snapshot()["counters"]``) on every scrape."""
+        self.registry.register(_WorkloadManagerCollector(counters))
+
     # -- exposition -------------------------------------------------------------------------
 
     def render(self) -> bytes:
@@ -241,3 +250,35 @@ class Metrics:
             return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         return [web.get("/metrics", handle), web.get("/stats/prometheus", handle)]
+
+
+class _WorkloadManagerCollector:
+    """ztunnel's ``workload_manager_*`` metrics from the node agent's counters."""
+
+    GAUGES = {
+        "active_proxy_count": "Pods whose in-pod proxies are up",
+        "pending_proxy_count": "Pods whose start failed and is being retried",
+    }
+    COUNTERS = {
+        "proxies_started": "In-pod proxies started",
+        "proxies_stopped": "In-pod proxies stopped",
+    }
+
+    def __init__(self, counters: Callable[[], Mapping[str, object]]) -> None:
+        self._counters = counters
+
+    def describe(self) -> list[Metric]:
+        return list(self._families({}))
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(self._counters())
+
+    def _families(self, values: Mapping[str, object]) -> Iterator[Metric]:
+        def number(key: str) -> float:
+            v = values.get(key, 0)
+            return float(v) if isinstance(v, int | float) else 0.0
+
+        for key, doc in self.GAUGES.items():
+            yield GaugeMetricFamily(f"workload_manager_{key}", doc, value=number(key))
+        for key, doc in self.COUNTERS.items():
+            yield CounterMetricFamily(f"workload_manager_{key}", doc, value=number(f"{key}_total"))

@@ -2,7 +2,7 @@
 
 Commands (root; the run directory defaults to the most recent lab, ``/tmp/ambient-lab/current``)::
 
-    ambient-lab up [--spec FILE] [--run-dir DIR] [--no-ztunnel] [--json]
+    ambient-lab up [--spec FILE] [--run-dir DIR] [--no-ztunnel] [--json]   # also starts waypoints
     ambient-lab status [--run-dir DIR] [--json]
     ambient-lab exec POD [--run-dir DIR] -- COMMAND...
     ambient-lab down [--run-dir DIR | --all]
@@ -74,14 +74,27 @@ def format_status(status: dict[str, Any]) -> str:
             else f"pid {z['pid']} {'ready' if z['ready'] else 'alive' if z['alive'] else 'DEAD'}"
         )
         lines.append(f"{n['name']:<6} {n['ip']:<14} {zs}")
-    lines += ["", f"{'POD':<10} {'NAMESPACE':<10} {'NODE':<5} {'IP':<13} IDENTITY"]
+    lines += ["", f"{'POD':<12} {'NAMESPACE':<10} {'NODE':<5} {'IP':<13} IDENTITY"]
     for p in status["pods"]:
         ident = p["identity"] or "(outside the mesh)"
-        lines.append(f"{p['name']:<10} {p['namespace']:<10} {p['node']:<5} {p['ip']:<13} {ident}")
+        if p.get("waypoint"):
+            ident += f"  (waypoint {p['waypoint']}, not captured)"
+        lines.append(f"{p['name']:<12} {p['namespace']:<10} {p['node']:<5} {p['ip']:<13} {ident}")
     if status.get("services"):
-        lines += ["", "SERVICE    VIP          PORTS"]
+        lines += ["", f"{'SERVICE':<18} {'VIP':<12} {'WAYPOINT':<10} PORTS"]
         for s in status["services"]:
-            lines.append(f"{s['namespace'] + '/' + s['name']:<10} {s['vip']:<12} {s['ports']}")
+            name = f"{s['namespace']}/{s['name']}"
+            lines.append(f"{name:<18} {s['vip']:<12} {s.get('waypoint') or '-':<10} {s['ports']}")
+    for w in status.get("waypoints", []):
+        replicas = ", ".join(
+            f"{r['pod']} {r['ip']} {'ready' if r['ready'] else 'alive' if r['alive'] else 'DEAD'}"
+            for r in w["replicas"]
+        )
+        lines += [
+            "",
+            f"WAYPOINT {w['namespace']}/{w['name']}  VIP {w['vip']}  {w['identity']}",
+            f"  serves: {', '.join(w['services']) or '-'};  replicas: {replicas}",
+        ]
     return "\n".join(lines)
 
 
@@ -159,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="build a lab from a spec and start its ztunnels")
     up.add_argument("--spec", default=str(DEFAULT_SPEC), help="spec file (default: %(default)s)")
     up.add_argument("--run-dir", help="where state, CA, configs and logs go")
-    up.add_argument("--no-ztunnel", action="store_true", help="network and rules only")
+    up.add_argument(
+        "--no-ztunnel", action="store_true", help="network and rules only (no ztunnel, no waypoint)"
+    )
     up.add_argument("--json", action="store_true")
     up.set_defaults(fn=cmd_up)
     st = sub.add_parser("status", help="nodes, pods (IPs, identities), ztunnels")

@@ -6,14 +6,16 @@ Owns the life cycle of one lab run:
 ``up``), build the network (``topology``), generate and save a local CA, render one ztunnel config
 per node, program the capture rules of every mesh pod (the istio-cni role: the node agent in rules
 mode, so a pod is captured before any listener exists in it -- fail closed, never bypassed), start
-one ztunnel per node in its node netns, wait until each reports ready, and verify the rules live.
-Any failure tears everything down before the error propagates.
+one ztunnel per node in its node netns, start every waypoint replica (``waypoint proxy`` in its
+own pod netns, not captured, with its SPIFFE identity, reading its node's config file), wait until
+each ztunnel and waypoint reports ready, and verify the rules live. Any failure tears everything
+down before the error propagates.
 
-``down``: stop the ztunnels (SIGTERM, then SIGKILL), kill whatever still runs in lab namespaces,
-delete the namespaces (their links, rules and routes go with them) and the state file.
+``down``: stop the ztunnels and waypoints (SIGTERM, then SIGKILL), kill whatever still runs in lab
+namespaces, delete the namespaces (their links, rules and routes go with them) and the state file.
 
 The run directory (default ``/tmp/ambient-lab/<prefix>``) holds ``state.json``, ``ca/``,
-``<node>/config.yaml`` and ``<node>/ztunnel.log``.
+``<node>/config.yaml``, ``<node>/ztunnel.<gen>.log`` and ``waypoints/<pod>.log``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ ADMIN, METRICS, READINESS = 15000, 15020, 15021
 SURGE_PORTS = (15100, 15120, 15121)
 
 
+WAYPOINT_PORTS = (15008, 15020, 15021)
+"""HBONE, metrics, readiness of a waypoint pod (in its own netns)."""
+
+
 class LabError(RuntimeError):
     """The lab could not be built or used; the message says what and where (node, pod, file)."""
 
@@ -78,6 +84,22 @@ class ZtunnelProc:
 
 
 @dataclass
+class WaypointProc:
+    """One waypoint replica: ``waypoint proxy`` running in pod ``pod`` of waypoint ``waypoint``."""
+
+    pod: str
+    waypoint: str
+    pid: int
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return topology._alive(self.pid)
+
+
+@dataclass
 class Lab:
     """One lab run. Build with ``Lab.up(...)``; attach to a running one with ``Lab.attach(run_dir)``."""
 
@@ -85,6 +107,8 @@ class Lab:
     run_dir: Path
     names: Names
     ztunnels: dict[str, ZtunnelProc] = field(default_factory=dict)
+    waypoints: dict[str, WaypointProc] = field(default_factory=dict)
+    """By pod name."""
     namespaces: list[str] = field(default_factory=list)
     inpod: InpodConfig = field(default_factory=InpodConfig)
     python: str = sys.executable
@@ -113,11 +137,16 @@ class Lab:
         try:
             topology.build(spec, lab.names, record=lab._record)
             lab._write_ca_and_configs()
-            lab.program_rules()
+            if not ztunnel:
+                lab.program_rules()  # with ztunnel, its node agent programs the rules itself
             if ztunnel:
                 for node in spec.nodes:
                     lab.start_ztunnel(node.name, log_level=log_level)
+                for w in spec.waypoints:
+                    for pod in w.pods:
+                        lab.start_waypoint(pod, log_level=log_level)
                 lab.wait_ready()
+                lab.wait_waypoints_ready()
             drifts = lab.verify_rules()
             if drifts:
                 raise LabError("capture rules differ after up: " + "; ".join(drifts))
@@ -147,6 +176,10 @@ class Lab:
                 ports=tuple(z.get("ports", (ADMIN, METRICS, READINESS))),
                 log_path=Path(z["log"]),
             )
+        for w in state.get("waypoints", []):
+            lab.waypoints[w["pod"]] = WaypointProc(
+                pod=w["pod"], waypoint=w["waypoint"], pid=w["pid"], log_path=Path(w["log"])
+            )
         return lab
 
     def _record(self, namespaces: list[str]) -> None:
@@ -172,6 +205,10 @@ class Lab:
                     "log": str(z.log_path),
                 }
                 for z in self.ztunnels.values()
+            ],
+            "waypoints": [
+                {"pod": w.pod, "waypoint": w.waypoint, "pid": w.pid, "log": str(w.log_path)}
+                for w in self.waypoints.values()
             ],
             "created": time.time(),
         }
@@ -244,7 +281,7 @@ class Lab:
         nf = PodNetfilter()
         out: list[str] = []
         for p in self.spec.pods:
-            if p.mesh:
+            if p.captured:
                 out += [
                     f"{p.key}: {d}" for d in nf.verify(netns_path(self.pod_netns(p)), self.inpod)
                 ]
@@ -343,18 +380,13 @@ class Lab:
         self, node: str, port: int, path: str, *, method: str = "GET", timeout: float = 5.0
     ) -> tuple[int, str]:
         """An HTTP request to 127.0.0.1:port inside the node netns (admin/metrics/readiness)."""
-        sock = in_netns(
-            netns_path(self.node_netns(node)),
-            lambda: socket.create_connection(("127.0.0.1", port), timeout=timeout),
-        )
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        conn.sock = sock
-        try:
-            conn.request(method, path, headers={"Host": f"127.0.0.1:{port}"})
-            resp = conn.getresponse()
-            return resp.status, resp.read().decode("utf-8", "replace")
-        finally:
-            conn.close()
+        return _http_in(self.node_netns(node), port, path, method=method, timeout=timeout)
+
+    def http_pod(
+        self, pod: str, port: int, path: str, *, method: str = "GET", timeout: float = 5.0
+    ) -> tuple[int, str]:
+        """An HTTP request to 127.0.0.1:port inside a pod's netns (a waypoint's 15020/15021)."""
+        return _http_in(self.pod_netns(pod), port, path, method=method, timeout=timeout)
 
     def config_dump(self, node: str) -> dict[str, Any]:
         status, body = self.http_node(node, self.ztunnels[node].ports[0], "/config_dump")
@@ -368,6 +400,90 @@ class Lab:
         if status != 200:
             raise LabError(f"node {node}: /metrics answered {status}")
         return body
+
+    # --- waypoint processes -----------------------------------------------------------------
+
+    def waypoint_argv(self, pod: str, log_level: str, extra_args: Sequence[str] = ()) -> list[str]:
+        p = self.spec.pod(pod)
+        if p.waypoint is None:
+            raise LabError(f"pod {pod} is not a waypoint replica")
+        w = self.spec.waypoint(f"{p.namespace}/{p.waypoint}")
+        hbone, metrics, ready = WAYPOINT_PORTS
+        return [
+            "ip", "netns", "exec", self.pod_netns(p),
+            "env", f"POD_NAME={p.name}",
+            self.python, "-m", "waypoint.cli", "proxy",
+            "--config", str(self.config_path(p.node)),
+            "--identity", w.identity(self.spec.trust_domain),
+            "--ca-dir", str(self.ca_dir),
+            "--name", w.name,
+            "--namespace", w.namespace,
+            "--hbone-port", str(hbone),
+            "--metrics-port", str(metrics),
+            "--readiness-port", str(ready),
+            "--log-level", log_level,
+            *extra_args,
+        ]  # fmt: skip
+
+    def start_waypoint(
+        self, pod: str, *, log_level: str = "info", extra_args: Sequence[str] = ()
+    ) -> WaypointProc:
+        """Start ``waypoint proxy`` in the waypoint replica ``pod`` (not waiting for readiness;
+        ``wait_waypoints_ready`` does). ``extra_args`` go to ``waypoint proxy`` (e.g. ``--kube``)."""
+        p = self.spec.pod(pod)
+        log_path = self.run_dir / "waypoints" / f"{pod}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = self.waypoint_argv(pod, log_level, extra_args)
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=str(Path(__file__).resolve().parents[2]),
+            )  # fmt: skip
+        proc = WaypointProc(
+            pod=pod, waypoint=p.waypoint or "", pid=popen.pid, log_path=log_path, popen=popen
+        )
+        self.waypoints[pod] = proc
+        self._save_state()
+        return proc
+
+    def wait_waypoints_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Until every waypoint replica answers 200 on 15021 ``/healthz/ready``."""
+        deadline = time.monotonic() + timeout
+        for proc in self.waypoints.values():
+            last = ""
+            while True:
+                if not proc.alive():
+                    raise LabError(
+                        f"waypoint {proc.waypoint} (pod {proc.pod}) exited; log {proc.log_path}:\n"
+                        f"{tail(proc.log_path)}"
+                    )
+                with contextlib.suppress(OSError, http.client.HTTPException):
+                    status, body = self.http_pod(
+                        proc.pod, WAYPOINT_PORTS[2], "/healthz/ready", timeout=1.0
+                    )
+                    if status == 200:
+                        break
+                    last = body.strip()
+                if time.monotonic() > deadline:
+                    raise LabError(
+                        f"waypoint {proc.waypoint} (pod {proc.pod}) not ready after {timeout:.0f} s"
+                        f" ({last}); log {proc.log_path}:\n{tail(proc.log_path)}"
+                    )
+                time.sleep(0.05)
+
+    def waypoint_metrics(self, waypoint: str) -> str:
+        """``/metrics`` (15020) of every replica of ``waypoint`` (name or ``ns/name``), concatenated."""
+        try:
+            w = self.spec.waypoint(waypoint)
+        except KeyError as exc:
+            raise LabError(str(exc.args[0])) from None
+        out = []
+        for pod in w.pods:
+            status, body = self.http_pod(pod, WAYPOINT_PORTS[1], "/metrics")
+            if status != 200:
+                raise LabError(f"waypoint pod {pod}: /metrics answered {status}")
+            out.append(body)
+        return "\n".join(out)
 
     # --- running things in pods -------------------------------------------------------------
 
@@ -415,9 +531,16 @@ class Lab:
         )
 
     def start_app(
-        self, pod: str, kind: str = "http", port: int = 8080, *, timeout: float = 10.0
+        self,
+        pod: str,
+        kind: str = "http",
+        port: int = 8080,
+        *,
+        args: Sequence[str] = (),
+        timeout: float = 10.0,
     ) -> subprocess.Popen[str]:
-        """Start ``e2e.lab.apps`` (``http`` or ``echo``) in a pod and wait until it listens."""
+        """Start ``e2e.lab.apps`` (``http``, ``echo`` or ``grpc``) in a pod and wait until it
+        listens. ``args`` go to the app (e.g. ``["--fail-first", "1"]``)."""
         argv = [
             "env",
             f"POD_NAME={pod}",
@@ -427,6 +550,7 @@ class Lab:
             kind,
             "--port",
             str(port),
+            *args,
         ]
         proc = subprocess.Popen(
             self.pod_argv(pod, argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -450,6 +574,23 @@ class Lab:
         return in_netns(
             netns_path(self.pod_netns(pod)), lambda: socket.socket(family, socket.SOCK_STREAM)
         )
+
+    def http_connection(
+        self, pod: str, host: str, port: int = 80, *, timeout: float = 10.0
+    ) -> http.client.HTTPConnection:
+        """A plain ``http.client`` keep-alive connection from inside ``pod`` (captured like any
+        app's connection), already connected to ``host:port``."""
+        sock = self.socket_in(pod)
+        sock.settimeout(timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn.sock = sock
+        return conn
 
     @contextlib.contextmanager
     def server_in(self, pod: str, port: int) -> Iterator[socket.socket]:
@@ -523,6 +664,8 @@ class Lab:
                 "node": p.node,
                 "ip": str(p.ip),
                 "mesh": p.mesh,
+                "captured": p.captured,
+                "waypoint": p.waypoint,
                 "identity": p.identity(self.spec.trust_domain) if p.mesh else None,
                 "serviceAccount": p.service_account,
                 "labels": dict(p.labels),
@@ -536,25 +679,64 @@ class Lab:
                 "namespace": s.namespace,
                 "vip": str(s.vip),
                 "ports": {str(k): v for k, v in s.ports.items()},
+                "waypoint": s.waypoint,
             }
             for s in self.spec.services
         ]
+        waypoints = []
+        for w in self.spec.waypoints:
+            replicas = []
+            for pod in w.pods:
+                proc = self.waypoints.get(pod)
+                ready = False
+                if proc is not None and proc.alive():
+                    with contextlib.suppress(OSError, http.client.HTTPException):
+                        ready = (
+                            self.http_pod(pod, WAYPOINT_PORTS[2], "/healthz/ready", timeout=1.0)[0]
+                            == 200
+                        )
+                replicas.append(
+                    {
+                        "pod": pod,
+                        "ip": str(self.spec.pod(pod).ip),
+                        "pid": proc.pid if proc else None,
+                        "alive": bool(proc and proc.alive()),
+                        "ready": ready,
+                        "log": str(proc.log_path) if proc else None,
+                    }
+                )
+            waypoints.append(
+                {
+                    "name": w.name,
+                    "namespace": w.namespace,
+                    "identity": w.identity(self.spec.trust_domain),
+                    "node": w.node,
+                    "vip": str(w.vip),
+                    "services": list(w.services),
+                    "replicas": replicas,
+                }
+            )
         return {
             "prefix": self.prefix,
             "runDir": str(self.run_dir),
             "nodes": nodes,
             "pods": pods,
             "services": services,
+            "waypoints": waypoints,
         }
 
     def down(self) -> list[str]:
         """Remove everything; returns problems (empty = clean). Safe to call twice."""
-        pids = [z.pid for z in self.ztunnels.values()]
+        pids = [z.pid for z in self.ztunnels.values()] + [w.pid for w in self.waypoints.values()]
         topology.kill_pids(pids, grace=3.0)
-        for z in self.ztunnels.values():
-            if z.popen is not None:
+        procs: list[ZtunnelProc | WaypointProc] = [
+            *self.ztunnels.values(),
+            *self.waypoints.values(),
+        ]
+        for proc in procs:
+            if proc.popen is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    z.popen.wait(timeout=1)
+                    proc.popen.wait(timeout=1)
         problems = topology.destroy(self.prefix, self.namespaces)
         if not problems:
             with contextlib.suppress(FileNotFoundError):
@@ -572,11 +754,30 @@ def down_run_dir(run_dir: Path) -> list[str]:
     """``down`` from a state file alone (after a killed ``up`` too)."""
     path = Path(run_dir) / STATE_FILE
     state = json.loads(path.read_text())
-    topology.kill_pids([int(z["pid"]) for z in state.get("ztunnels", [])])
+    topology.kill_pids(
+        [int(z["pid"]) for z in state.get("ztunnels", []) + state.get("waypoints", [])]
+    )
     problems = topology.destroy(state["prefix"], state.get("namespaces", []))
     if not problems:
         path.unlink()
     return problems
+
+
+def _http_in(
+    netns: str, port: int, path: str, *, method: str = "GET", timeout: float = 5.0
+) -> tuple[int, str]:
+    """An HTTP request to 127.0.0.1:port inside the named netns."""
+    sock = in_netns(
+        netns_path(netns), lambda: socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn.sock = sock
+    try:
+        conn.request(method, path, headers={"Host": f"127.0.0.1:{port}"})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
 
 
 def tail(path: Path, lines: int = 30) -> str:

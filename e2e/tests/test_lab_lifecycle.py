@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,18 +16,31 @@ import pytest
 from e2e.lab import topology
 from e2e.lab.cluster import STATE_FILE, Lab, LabError
 from e2e.lab.spec import spec_from_dict
+from e2e.netns import new_run_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def root_state() -> dict[str, str]:
-    """What the lab must never change in the root netns (and namespaces that exist)."""
+LAB_NETNS = re.compile(r"^zt[0-9a-f]{4}-")
+
+
+def root_state(own: str | None = None) -> dict[str, str]:
+    """What the lab must never change in the root netns (and namespaces that exist).
+
+    Other engineers' labs come and go on a shared machine: namespaces of lab runs other than
+    ``own`` (the prefix of the lab under test) are left out of the comparison.
+    """
 
     def out(*argv: str) -> str:
         return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False).stdout
 
+    netns = [
+        line
+        for line in out("ip", "netns", "list").splitlines()
+        if not LAB_NETNS.match(line) or (own is not None and line.startswith(f"{own}-"))
+    ]
     return {
-        "netns": out("ip", "netns", "list"),
+        "netns": "\n".join(sorted(netns)),
         "links": "\n".join(
             sorted(line.split("@")[0] for line in out("ip", "-o", "link", "show").splitlines())
         ),
@@ -45,7 +60,7 @@ def test_down_leaves_nothing(tmp_path: Path) -> None:
     assert topology.list_namespaces(lab.prefix)
     assert lab.down() == []
     assert topology.list_namespaces(lab.prefix) == []
-    assert root_state() == before
+    assert root_state(lab.prefix) == before
     for pid in pids:
         assert (
             not Path(f"/proc/{pid}").exists()
@@ -59,6 +74,7 @@ def test_failed_up_cleans_up(tmp_path: Path) -> None:
     spec = spec_from_dict(
         {"nodes": [{"name": "n1"}], "pods": [{"name": "a", "node": "n1"}]}, source="t"
     )
+    prefix = new_run_prefix()
     lab_python = "/nonexistent/python"  # the ztunnel cannot start: up must fail and clean
     original = Lab.ztunnel_argv
 
@@ -69,10 +85,10 @@ def test_failed_up_cleans_up(tmp_path: Path) -> None:
     Lab.ztunnel_argv = broken  # type: ignore[method-assign]
     try:
         with pytest.raises(LabError, match="ztunnel of node n1"):
-            Lab.up(spec, run_dir=tmp_path / "run")
+            Lab.up(spec, run_dir=tmp_path / "run", prefix=prefix)
     finally:
         Lab.ztunnel_argv = original  # type: ignore[method-assign]
-    assert root_state() == before
+    assert root_state(prefix) == before
 
 
 def test_killed_up_is_cleaned_by_down(tmp_path: Path) -> None:
@@ -100,7 +116,8 @@ def test_killed_up_is_cleaned_by_down(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert root_state() != before  # the killed up left its namespaces behind...
+    prefix = json.loads((run_dir / STATE_FILE).read_text())["prefix"]
+    assert root_state(prefix) != before  # the killed up left its namespaces behind...
     down = subprocess.run(
         [*cli, "down", "--run-dir", str(run_dir)],
         cwd=ROOT,
@@ -109,4 +126,4 @@ def test_killed_up_is_cleaned_by_down(tmp_path: Path) -> None:
         timeout=60,
     )
     assert down.returncode == 0, down.stderr
-    assert root_state() == before  # ...and down removed all of it
+    assert root_state(prefix) == before  # ...and down removed all of it

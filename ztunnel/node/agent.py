@@ -10,15 +10,21 @@ Owns the per-pod life cycle that Istio splits between istio-cni and ztunnel's in
   (SO_MARK 0x539, SO_REUSEPORT: a new ztunnel binds beside the old one, so one is always listening);
 * a start that fails (netns missing, port taken) leaves the pod *pending*; it is retried every
   ``retry_interval`` seconds and readiness stays blocked on it, as ztunnel does;
-* a pod disappears: its listeners stop and drain, then its rules are removed (ignored if the netns
-  is already gone); its netns changed (sandbox recreated) or its identity changed: stop, then start;
+* a pod disappears: its listeners stop at once and drain in the background (other pods keep
+  converging meanwhile), then its rules are removed (ignored if the netns is already gone, or if a
+  pod came back into that netns while it drained); its netns changed (sandbox recreated) or its
+  identity changed: stop (drain included), then start;
 * ``stop()`` (ztunnel shutting down) drains every pod but leaves the rules in place: a pod with
   rules and no listener fails closed, and the next ztunnel adopts it.
 
-Readiness: the task ``workload proxy manager`` is pending until the first reconcile has started
-every pod (nothing pending). The app supplies the proxies through the ``PodProxies`` protocol;
-with ``proxies=None`` the agent only keeps the rules (the istio-cni role: the lab runs it so a
-pod is captured before any ztunnel listens in it, closing the window where traffic would bypass).
+Which pods are "this node's" comes from a ``LocalPods`` provider: by default the store's enrolled
+workloads (``StoreLocalPods``); a Kubernetes pod watcher can stand in (it wakes the agent through
+``subscribe`` and holds readiness back until it has ``synced``).
+
+Readiness: the task ``workload proxy manager`` is pending until the provider has synced and a
+reconcile has started every pod (nothing pending). The app (``ztunnel.app.App`` in ``inpod``
+placement) supplies the proxies through the ``PodProxies`` protocol; with ``proxies=None`` the
+agent only keeps the rules (the istio-cni role: capture a pod before any ztunnel listens in it).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,6 +64,40 @@ class PodProxies(Protocol):
     async def stop_pod(self, uid: str) -> None:
         """Stop accepting at once, let this pod's connections finish (drain deadline), close."""
         ...
+
+
+class LocalPods(Protocol):
+    """Which pods of ``node`` the agent must serve: uid -> workload, each with its ``netns`` set.
+
+    The default (``StoreLocalPods``) reads the workload store; a Kubernetes pod watcher can
+    combine the store with pods it sees on the node (and their netns paths).
+    """
+
+    @property
+    def synced(self) -> bool:
+        """False until the provider knows the full set (readiness waits for it)."""
+        ...
+
+    def pods(self, store: WorkloadStore, node: str) -> Mapping[str, Workload]:
+        """The enrolled pods now (pure read; called under the agent's lock, must not block)."""
+        ...
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when ``pods`` may have changed for reasons other than a store change
+        (the agent follows the store itself); returns the unsubscribe function."""
+        ...
+
+
+class StoreLocalPods:
+    """The default provider: workloads in the store on this node, in the mesh, with a netns."""
+
+    synced = True
+
+    def pods(self, store: WorkloadStore, node: str) -> Mapping[str, Workload]:
+        return local_pods(store.workloads(), node)
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        return lambda: None
 
 
 class RuleProgrammer(Protocol):
@@ -133,6 +173,7 @@ class NodeAgent:
         retry_interval: float = DEFAULT_RETRY_INTERVAL,
         socket_factory: Callable[[str], SocketFactory] | None = None,
         netns_id_of: Callable[[str], NetnsId | None] = netns_id,
+        local_pods: LocalPods | None = None,
     ) -> None:
         self.node = node
         self.store = store
@@ -144,12 +185,15 @@ class NodeAgent:
         self.retry_interval = retry_interval
         self._socket_factory = socket_factory or _netns_factory
         self._netns_id_of = netns_id_of
+        self.local_pods: LocalPods = local_pods or StoreLocalPods()
         self.stats = AgentStats()
         self._pods: dict[str, _Pod] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._unsubscribe: Callable[[], None] | None = None
+        self._unsubscribe: list[Callable[[], None]] = []
+        self._removals: set[asyncio.Task[None]] = set()  # removed pods: drain, then rules
+        self._draining: dict[str, asyncio.Task[None]] = {}  # uid -> its drain (part of a removal)
         self._first_done = False
         if readiness is not None:
             readiness.register(READINESS_TASK, f"pods of node {node}")
@@ -158,16 +202,19 @@ class NodeAgent:
 
     async def start(self) -> Plan:
         """Reconcile once (adopting pods a previous ztunnel left), then follow the store."""
-        self._unsubscribe = self.store.subscribe(self._on_change)
+        self._unsubscribe = [
+            self.store.subscribe(self._on_change),
+            self.local_pods.subscribe(self._wake.set),
+        ]
         result = await self.reconcile()
         self._task = asyncio.create_task(self._loop(), name=f"node-agent:{self.node}")
         return result
 
     async def stop(self, *, remove_rules: bool = False) -> None:
         """Drain every pod (in parallel). Rules stay unless ``remove_rules`` (then nothing is left)."""
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -179,6 +226,12 @@ class NodeAgent:
                 *(self._stop_pod(uid, remove_rules=remove_rules) for uid in uids),
                 return_exceptions=True,
             )
+        await self.wait_removals()
+
+    async def wait_removals(self) -> None:
+        """Wait until pods removed earlier have drained and lost their rules."""
+        while self._removals:
+            await asyncio.gather(*list(self._removals), return_exceptions=True)
 
     def _on_change(self, change: StoreChange) -> None:
         if change.workloads:
@@ -206,7 +259,7 @@ class NodeAgent:
     async def reconcile(self) -> Plan:
         """One pass: compute the plan from the store and carry it out."""
         async with self._lock:
-            wanted = local_pods(self.store.workloads(), self.node)
+            wanted = dict(self.local_pods.pods(self.store, self.node))
             ids = {w.netns: self._netns_id_of(w.netns) for w in wanted.values() if w.netns}
             steps = plan({u: p.running() for u, p in self._pods.items()}, wanted, ids)
             if not steps.empty:
@@ -217,10 +270,13 @@ class NodeAgent:
                     list(steps.stop),
                     [w.uid for w in steps.retry],
                 )
-            # Stops first (a restarted pod must release its listeners before the new start).
-            await asyncio.gather(
-                *(self._stop_pod(uid, remove_rules=uid not in wanted) for uid in steps.stop)
-            )
+            # Removed pods drain in the background (their listeners close at once) so a long
+            # drain deadline does not hold up other pods; restarted pods stop first, fully, so
+            # they have released their listeners before the new start.
+            for uid in steps.stop:
+                if uid not in wanted:
+                    self._remove_in_background(uid)
+            await asyncio.gather(*(self._stop_pod(uid, remove_rules=False) for uid in steps.stop))
             await asyncio.gather(
                 *(self._start_pod(w, ids.get(w.netns or "")) for w in steps.start + steps.retry)
             )
@@ -234,6 +290,8 @@ class NodeAgent:
         pending = sorted(u for u, p in self._pods.items() if not p.up)
         if pending:
             self.readiness.register(READINESS_TASK, "pending: " + ", ".join(pending))
+        elif not self.local_pods.synced:
+            self.readiness.register(READINESS_TASK, "pod list not synced yet")
         else:
             self._first_done = True
             self.readiness.done(READINESS_TASK)
@@ -245,6 +303,12 @@ class NodeAgent:
             pod = self._pods[w.uid] = _Pod(workload=w, netns_id=nsid)
         pod.workload, pod.netns_id = w, nsid
         pod.attempts += 1
+        drain = self._draining.get(w.uid)
+        if drain is not None:
+            # Back while its previous incarnation drains: the proxies are keyed by uid, so the
+            # old ones must be gone before the new ones start (rare; bounded by the deadline).
+            with contextlib.suppress(Exception):
+                await asyncio.shield(drain)
         try:
             if nsid is None:
                 raise NetfilterError(f"network namespace {w.netns} does not exist")
@@ -277,11 +341,41 @@ class NodeAgent:
         self.stats.started += 1
         log.info("node %s: serving pod %s in %s as %s", self.node, w.uid, w.netns, w.identity())
 
-    async def _stop_pod(self, uid: str, *, remove_rules: bool) -> None:
+    def _remove_in_background(self, uid: str) -> None:
         pod = self._pods.pop(uid, None)
         if pod is None:
             return
+        drain = asyncio.create_task(self._stop(uid, pod), name=f"node-agent:drain:{uid}")
+        self._draining[uid] = drain
+        task = asyncio.create_task(self._remove(uid, pod, drain), name=f"node-agent:remove:{uid}")
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
+
+    async def _remove(self, uid: str, pod: _Pod, drain: asyncio.Task[None]) -> None:
+        try:
+            await drain
+        finally:
+            if self._draining.get(uid) is drain:
+                del self._draining[uid]
         netns = pod.workload.netns
+        async with self._lock:
+            # A pod (the same uid back, or a new one) may have been started in that netns while
+            # this one drained: its rules are the same rules, so they stay.
+            if any(p.workload.netns == netns for p in self._pods.values()):
+                log.info("node %s: pod %s stopped (rules kept: netns in use)", self.node, uid)
+                return
+            await self._unprogram(uid, netns)
+        log.info("node %s: pod %s stopped (rules removed)", self.node, uid)
+
+    async def _unprogram(self, uid: str, netns: str | None) -> None:
+        if netns and self._netns_id_of(netns) is not None:
+            try:
+                await asyncio.to_thread(self.rules.unprogram, netns, self.inpod)
+            except NetfilterError as exc:
+                log.warning("node %s: removing rules of %s failed: %s", self.node, uid, exc)
+
+    async def _stop(self, uid: str, pod: _Pod) -> None:
+        """Drain the pod's proxies and release its sockets (rules untouched)."""
         if pod.up and self.proxies is not None:
             try:
                 await self.proxies.stop_pod(uid)
@@ -291,11 +385,14 @@ class NodeAgent:
         close = getattr(pod.sockets, "close", None)
         if callable(close):
             close()
-        if remove_rules and netns and self._netns_id_of(netns) is not None:
-            try:
-                await asyncio.to_thread(self.rules.unprogram, netns, self.inpod)
-            except NetfilterError as exc:
-                log.warning("node %s: removing rules of %s failed: %s", self.node, uid, exc)
+
+    async def _stop_pod(self, uid: str, *, remove_rules: bool) -> None:
+        pod = self._pods.pop(uid, None)
+        if pod is None:
+            return
+        await self._stop(uid, pod)
+        if remove_rules:
+            await self._unprogram(uid, pod.workload.netns)
         log.info(
             "node %s: pod %s stopped (rules %s)",
             self.node,
@@ -307,39 +404,50 @@ class NodeAgent:
 
     @property
     def ready(self) -> bool:
-        return self._first_done and all(p.up for p in self._pods.values())
+        return (
+            self._first_done and self.local_pods.synced and all(p.up for p in self._pods.values())
+        )
 
     def pods(self) -> dict[str, bool]:
         """uid -> up."""
         return {uid: p.up for uid, p in self._pods.items()}
 
+    def workload_state(self) -> dict[str, dict[str, object]]:
+        """Per uid: ``state`` Pending|Up (ztunnel's words), pod info, netns and the last error."""
+        return {
+            uid: {
+                "state": "Up" if p.up else "Pending",
+                "info": {
+                    "name": p.workload.name,
+                    "namespace": p.workload.namespace,
+                    "serviceAccount": p.workload.service_account,
+                },
+                "netns": p.workload.netns,
+                "error": p.error,
+            }
+            for uid, p in sorted(self._pods.items())
+        }
+
     def snapshot(self) -> dict[str, object]:
-        """For config_dump: ``workloadState`` per uid (ztunnel's Pending/Up) and counters."""
+        """For config_dump: ``workloadState`` per uid and counters."""
         return {
             "node": self.node,
-            "workloadState": {
-                uid: {
-                    "state": "Up" if p.up else "Pending",
-                    "info": {
-                        "name": p.workload.name,
-                        "namespace": p.workload.namespace,
-                        "serviceAccount": p.workload.service_account,
-                    },
-                    "netns": p.workload.netns,
-                    "error": p.error,
-                }
-                for uid, p in sorted(self._pods.items())
-            },
-            "counters": {
-                "active_proxy_count": sum(1 for p in self._pods.values() if p.up),
-                "pending_proxy_count": sum(1 for p in self._pods.values() if not p.up),
-                "proxies_started_total": self.stats.started,
-                "proxies_stopped_total": self.stats.stopped,
-                "start_failures_total": self.stats.start_failures,
-                "rules_changed_total": self.stats.rules_changed,
-                "reconciles_total": self.stats.reconciles,
-            },
+            "workloadState": self.workload_state(),
+            "counters": self.counters(),
             "lastError": self.stats.last_error,
+        }
+
+    def counters(self) -> dict[str, int]:
+        """ztunnel's ``workload_manager_*`` meanings, plus this agent's own."""
+        return {
+            "active_proxy_count": sum(1 for p in self._pods.values() if p.up),
+            "pending_proxy_count": sum(1 for p in self._pods.values() if not p.up),
+            "proxies_started_total": self.stats.started,
+            "proxies_stopped_total": self.stats.stopped,
+            "start_failures_total": self.stats.start_failures,
+            "rules_changed_total": self.stats.rules_changed,
+            "reconciles_total": self.stats.reconciles,
+            "draining_proxy_count": len(self._removals),
         }
 
 

@@ -47,6 +47,16 @@ class HboneStatusError(TunnelError):
         self.status = status
 
 
+class StreamRefusedError(TunnelError):
+    """The server did not process the stream: RST_STREAM(REFUSED_STREAM), or the stream is above
+    the last-stream-id of a GOAWAY. Nothing of it reached the application, so it is safe to retry
+    on another connection (RFC 9113 §8.7)."""
+
+    def __init__(self, stream_id: int, why: str) -> None:
+        super().__init__(f"stream {stream_id} refused by the server ({why})")
+        self.stream_id = stream_id
+
+
 class Receiver(Protocol):
     """Push-mode consumer of a stream's data (used by ``copy``); it calls ``stream.ack(n)``."""
 
@@ -372,9 +382,15 @@ class HboneProtocol(asyncio.Protocol):
             stream = self.streams.pop(event.stream_id, None)
             if stream is not None:
                 self._blocked.discard(stream)
-                stream._on_error(
-                    TunnelError(f"stream {event.stream_id} reset (error {event.error_code})")
-                )
+                exc: TunnelError
+                if event.remote and event.error_code == ErrorCodes.REFUSED_STREAM:
+                    goaway = self.conn.goaway_received
+                    exc = StreamRefusedError(
+                        event.stream_id, "above the GOAWAY last-stream-id" if goaway else "reset"
+                    )
+                else:
+                    exc = TunnelError(f"stream {event.stream_id} reset (error {event.error_code})")
+                stream._on_error(exc)
         elif isinstance(event, TunnelEstablished):
             stream = self.streams.get(event.stream_id)
             if stream is not None and not stream.established.done():

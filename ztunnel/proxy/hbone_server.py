@@ -4,7 +4,8 @@ Owns accepting connections (TLS context fetched per connection, so certificate r
 connections), checking that the client's SPIFFE identity is in our trust domain before any frame is
 read, handing each well-formed CONNECT to ``on_connect`` (which decides policy and dials upstream; the
 core already answered malformed ones with 400, with no callback and no dial), sending 200 only after
-the callback accepted, copying bytes, reporting per-tunnel bytes and duration, and draining
+the callback accepted, copying bytes (or handing the stream itself to an ``AcceptStream`` handler),
+reporting per-tunnel bytes and duration (``TunnelStats``, naming its request and handle), and draining
 (GOAWAY, let tunnels finish until a deadline, then close). A reset stream cancels its callback, so a
 dial in progress is abandoned.
 """
@@ -49,6 +50,30 @@ class Accept:
             raise ValueError("Accept needs either sock or both reader and writer")
 
 
+StreamHandler = Callable[[HboneStream], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AcceptStream:
+    """Policy passed; the application serves the tunnel itself (e.g. the waypoint's HTTP parser).
+
+    The server answers 200, then awaits ``handler(stream)`` with the :class:`HboneStream` (read /
+    write / write_eof on it; no socketpair and no copy). When the handler returns, our direction is
+    half-closed (if it was not) and the peer gets ``linger`` seconds to end its side before the
+    stream is reset; if the handler raises, the stream is reset at once."""
+
+    handler: StreamHandler
+    headers: tuple[tuple[str, str], ...] = ()
+    """Extra response headers (e.g. baggage describing the destination)."""
+    linger: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not callable(self.handler):
+            raise ValueError("AcceptStream.handler must be an async callable taking the stream")
+        if self.linger < 0:
+            raise ValueError(f"AcceptStream.linger must be >= 0, got {self.linger}")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Reject:
     """Refuse the tunnel with ``status`` (400 bad target, 401 policy, 503 no upstream)."""
@@ -69,6 +94,10 @@ class TunnelStats:
     bytes_to_client: int
     duration: float
     error: str | None
+    tunnel: TunnelHandle | None = field(default=None, compare=False)
+    """The handle of the tunnel these figures belong to (``request.tunnel``)."""
+    request: TunnelRequest | None = field(default=None, compare=False)
+    """The request ``on_connect`` was given for this tunnel."""
 
 
 class TunnelHandle:
@@ -103,7 +132,7 @@ class TunnelRequest:
         return next((v for k, v in self.headers if k == name), None)
 
 
-OnConnect = Callable[[TunnelRequest], Awaitable[Accept | Reject]]
+OnConnect = Callable[[TunnelRequest], Awaitable[Accept | AcceptStream | Reject]]
 
 
 class HboneServer:
@@ -232,7 +261,7 @@ class HboneServer:
         status = 0
         error: str | None = None
         result: CopyResult | None = None
-        decision: Accept | Reject | None = None
+        decision: Accept | AcceptStream | Reject | None = None
         transport = proto.transport
         request = TunnelRequest(
             authority=event.authority,
@@ -258,13 +287,16 @@ class HboneServer:
             if not stream.established.done():
                 stream.established.set_result(())
             proto.flush()
-            if decision.sock is not None:
+            if isinstance(decision, AcceptStream):
+                error = await _run_handler(decision, stream)
+            elif decision.sock is not None:
                 result = await splice_socket_hbone(decision.sock, stream)
             else:
                 assert decision.reader is not None
                 assert decision.writer is not None
                 result = await splice_streams_hbone(decision.reader, decision.writer, stream)
-            error = result.error
+            if result is not None:
+                error = result.error
         except asyncio.CancelledError:
             error = "cancelled (stream reset or tunnel closed)"
             _close_upstream(decision)
@@ -298,6 +330,8 @@ class HboneServer:
                         bytes_to_client=result.a_to_b if result else stream.bytes_sent,
                         duration=time.monotonic() - started,
                         error=error,
+                        tunnel=handle,
+                        request=request,
                     )
                 )
 
@@ -340,7 +374,31 @@ class HboneServer:
                 proto.transport.abort()
 
 
-def _close_upstream(decision: Accept | Reject | None) -> None:
+async def _run_handler(decision: AcceptStream, stream: HboneStream) -> str | None:
+    """Run an AcceptStream handler to completion; returns the error to report, if any."""
+    try:
+        await decision.handler(stream)
+    except HboneError as err:
+        if not stream.done:
+            stream.reset()
+        return str(err)
+    except Exception as err:
+        log.exception("HBONE stream handler failed")
+        if not stream.done:
+            stream.reset()
+        return f"{type(err).__name__}: {err}"
+    if stream.done:
+        return None
+    stream.write_eof()  # queued data goes first
+    try:
+        await asyncio.wait_for(asyncio.shield(stream.closed), decision.linger)
+    except TimeoutError:
+        stream.reset()
+        return f"peer did not end the stream within {decision.linger} s of the handler returning"
+    return None
+
+
+def _close_upstream(decision: Accept | AcceptStream | Reject | None) -> None:
     if isinstance(decision, Accept):
         if decision.sock is not None:
             decision.sock.close()

@@ -26,7 +26,7 @@ from ztunnel.accesslog import AccessEntry
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.metrics import Reporter, ResponseFlags, TrafficLabels, traffic_labels
 from ztunnel.proxy.connections import ProxyContext, TrackedConnection
-from ztunnel.proxy.hbone_server import Accept, Reject, TunnelRequest, TunnelStats
+from ztunnel.proxy.hbone_server import Accept, Reject, TunnelHandle, TunnelRequest, TunnelStats
 from ztunnel.proxy.socket_factory import Endpoint, SocketFactory, family_of, unmap
 from ztunnel.state.authz import ConnectionAttrs
 from ztunnel.state.inbound import InboundReject, resolve_inbound_hbone
@@ -72,12 +72,11 @@ class InboundHbone:
         self.ctx = ctx
         self.workload = workload
         self.factory = factory
-        # Keyed by the server's per-tunnel task: on_connect and on_tunnel_closed run in it.
-        self._tunnels: dict[asyncio.Task[object], _Tunnel] = {}
+        # Keyed by the tunnel's handle: the request carries it, and so do the closing stats.
+        self._tunnels: dict[TunnelHandle, _Tunnel] = {}
 
     async def on_connect(self, request: TunnelRequest) -> Accept | Reject:
         ctx = self.ctx
-        task = asyncio.current_task()
         peer_ip = ip_of(request.peer_address)
         local_ip = ip_of(request.local_address)
         peer_identity = request.peer_identity
@@ -99,8 +98,7 @@ class InboundHbone:
                 dst_identity=str(self.workload.identity()),
             ),
         )
-        if task is not None:
-            self._tunnels[task] = tunnel
+        self._tunnels[request.tunnel] = tunnel
         if peer_ip is None or local_ip is None:
             return self._reject(tunnel, 400, "connection addresses unknown", ResponseFlags.CONNECT)
         decision = resolve_inbound_hbone(
@@ -162,8 +160,7 @@ class InboundHbone:
         return Reject(status=status, reason=reason)
 
     def on_closed(self, stats: TunnelStats) -> None:
-        task = asyncio.current_task()
-        tunnel = self._tunnels.pop(task, None) if task is not None else None
+        tunnel = self._tunnels.pop(stats.tunnel, None) if stats.tunnel is not None else None
         if tunnel is None:
             log.warning("HBONE tunnel to %s closed without bookkeeping", stats.authority)
             return

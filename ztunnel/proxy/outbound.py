@@ -290,13 +290,6 @@ class Outbound:
             dst_identity=str((target or dest).identity()),
         )
         identity = self.workload.identity()
-        try:
-            await ctx.certs.get(identity)
-        except CertificateUnavailable as err:
-            await self._refuse_hbone(
-                base, started, labels, on_ready, client, str(err), ResponseFlags.IDENTITY_ERROR
-            )
-            return
         key = PoolKey(
             src_identity=identity,
             dst_identities=frozenset(expected),
@@ -332,6 +325,11 @@ class Outbound:
                 client,
                 f"HBONE CONNECT rejected with status {err.status}",
                 flags,
+            )
+            return
+        except CertificateUnavailable as err:  # the pool's client context: no source certificate
+            await self._refuse_hbone(
+                base, started, labels, on_ready, client, str(err), ResponseFlags.IDENTITY_ERROR
             )
             return
         except PeerIdentityError as err:

@@ -5,13 +5,17 @@ destination address): at most ``max_streams_per_connection`` (100) streams per c
 than the server's MAX_CONCURRENT_STREAMS; one dial per key at a time (concurrent callers wait for it
 instead of storming the server); connections that received GOAWAY are never reused; connections idle for
 ``idle_timeout`` are closed. Sockets come from a pluggable ``connector`` coroutine (so a colleague can
-create them in a pod netns with SO_MARK); the server's SPIFFE identity is checked against the expected
-identities right after the TLS handshake, before the first byte of HTTP/2 is written.
+create them in a pod netns with SO_MARK); the TLS client context comes from ``client_context``, which
+may be a coroutine (a certificate fetched on demand); the server's SPIFFE identity is checked against
+the expected identities right after the TLS handshake, before the first byte of HTTP/2 is written.
+``connect`` opens a stream the server refused unprocessed (REFUSED_STREAM, or above a GOAWAY's
+last-stream-id, e.g. from a draining ztunnel) once more on another connection (RFC 9113 §8.7).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import socket
 import ssl
@@ -23,7 +27,13 @@ from ztunnel.hbone.guard import DEFAULT_LIMITS, Limits
 from ztunnel.hbone.settings import CLIENT_SETTINGS, H2Settings
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.identity.tls import verify_server_identity
-from ztunnel.proxy.h2io import HboneProtocol, HboneStatusError, HboneStream, TunnelError
+from ztunnel.proxy.h2io import (
+    HboneProtocol,
+    HboneStatusError,
+    HboneStream,
+    StreamRefusedError,
+    TunnelError,
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -32,6 +42,7 @@ __all__ = [
     "HboneStatusError",
     "PoolKey",
     "PoolStatistics",
+    "StreamRefusedError",
     "TunnelError",
     "tcp_connector",
 ]
@@ -54,9 +65,13 @@ class PoolStatistics:
     streams: int
     connections_opened: int
     dial_failures: int
+    refused_retries: int = 0
+    """Tunnels the server refused unprocessed (REFUSED_STREAM, GOAWAY) and we opened again."""
 
 
 Connector = Callable[[PoolKey], Awaitable[socket.socket]]
+ClientContext = Callable[[SpiffeId], ssl.SSLContext | Awaitable[ssl.SSLContext]]
+"""The TLS client context for a source identity; may be async (e.g. fetches the certificate)."""
 
 
 async def tcp_connector(key: PoolKey) -> socket.socket:
@@ -79,7 +94,7 @@ class HbonePool:
     def __init__(
         self,
         *,
-        client_context: Callable[[SpiffeId], ssl.SSLContext],
+        client_context: ClientContext,
         connector: Connector = tcp_connector,
         max_streams_per_connection: int = 100,
         idle_timeout: float = 300.0,
@@ -99,28 +114,52 @@ class HbonePool:
         self._idle: dict[HboneProtocol, asyncio.TimerHandle] = {}
         self._opened = 0
         self._dial_failures = 0
+        self._refused_retries = 0
         self._closed = False
 
     async def connect(
         self, key: PoolKey, authority: str, headers: Iterable[tuple[str, str]] = ()
     ) -> HboneStream:
         """Open a tunnel and wait for the 200; raises HboneStatusError for other statuses,
-        PeerIdentityError for a wrong server identity, OSError/TimeoutError for dial failures."""
-        stream = await self.open(key, authority, headers)
-        await stream.established
+        PeerIdentityError for a wrong server identity, OSError/TimeoutError for dial failures.
+
+        A tunnel the server refused without processing it (RST_STREAM REFUSED_STREAM, or above the
+        last-stream-id of a GOAWAY, e.g. a draining ztunnel) is opened once more on another
+        connection: nothing of the application was sent yet (RFC 9113 §8.7). A second refusal
+        raises StreamRefusedError."""
+        extra = list(headers)
+        stream = await self._open(key, authority, extra, avoid=None)
+        try:
+            await stream.established
+        except StreamRefusedError:
+            self._refused_retries += 1
+            stream = await self._open(key, authority, extra, avoid=stream.proto)
+            await stream.established
         return stream
 
     async def open(
         self, key: PoolKey, authority: str, headers: Iterable[tuple[str, str]] = ()
     ) -> HboneStream:
-        """Send the CONNECT without waiting for the answer (await ``stream.established``)."""
-        extra = list(headers)
+        """Send the CONNECT without waiting for the answer (await ``stream.established``).
+
+        No retry here: use ``connect`` for the transparent retry of refused streams."""
+        return await self._open(key, authority, list(headers), avoid=None)
+
+    async def _open(
+        self,
+        key: PoolKey,
+        authority: str,
+        headers: list[tuple[str, str]],
+        *,
+        avoid: HboneProtocol | None,
+    ) -> HboneStream:
+        # ``avoid``: the connection that just refused a stream is not asked again.
         while True:
             if self._closed:
                 raise TunnelError("pool is closed")
             for proto in self._conns.get(key, ()):
-                if self._usable(proto):
-                    return self._open_on(proto, authority, extra)
+                if proto is not avoid and self._usable(proto):
+                    return self._open_on(proto, authority, headers)
             pending = self._connecting.get(key)
             if pending is not None:
                 await asyncio.shield(pending)
@@ -167,6 +206,10 @@ class HbonePool:
 
     async def _dial(self, key: PoolKey) -> HboneProtocol:
         loop = asyncio.get_running_loop()
+        # The context first: no socket is held open while a certificate is being fetched.
+        ctx = self._client_context(key.src_identity)
+        if inspect.isawaitable(ctx):
+            ctx = await asyncio.wait_for(ctx, self._connect_timeout)
         sock = await asyncio.wait_for(self._connector(key), self._connect_timeout)
         conn = HboneClientConnection(now=loop.time(), settings=self._settings, limits=self._limits)
         expected = key.dst_identities
@@ -175,7 +218,7 @@ class HbonePool:
             await loop.create_connection(
                 lambda: proto,
                 sock=sock,
-                ssl=self._client_context(key.src_identity),
+                ssl=ctx,
                 # An IP literal: Python sends no SNI for it (HBONE uses none).
                 server_hostname=str(key.dst_ip),
                 ssl_handshake_timeout=self._limits.handshake_timeout,
@@ -215,6 +258,7 @@ class HbonePool:
             streams=sum(len(p.streams) for p in protos),
             connections_opened=self._opened,
             dial_failures=self._dial_failures,
+            refused_retries=self._refused_retries,
         )
 
     async def close(self) -> None:

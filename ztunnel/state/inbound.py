@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ztunnel.config import ILLEGAL_PORTS
-from ztunnel.hbone.authority import AuthorityError
+from ztunnel.hbone.authority import AuthorityError as AuthorityError
 from ztunnel.hbone.authority import parse_authority as parse_hbone_authority
 from ztunnel.state.model import GatewayAddress, IPAddress, NamespacedHostname, Service, Workload
 from ztunnel.state.routing import SockAddr

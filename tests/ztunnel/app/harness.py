@@ -18,8 +18,9 @@ from pathlib import Path
 
 import aiohttp
 
-from ztunnel.app import App, AppConfig
+from ztunnel.app import App, AppConfig, LocalFileSource
 from ztunnel.identity.ca import LocalCa, LocalCaClient
+from ztunnel.sources.watch import LocalConfigWatcher
 
 CA = LocalCa.generate()  # one CA for the module: key generation is the slow part
 
@@ -243,3 +244,10 @@ async def mesh(
                 app.drain.deadline = 0.2
                 await asyncio.wait_for(app.stop("test teardown"), 10)
         await echo.close()
+
+
+def watcher(app: App) -> LocalConfigWatcher:
+    """The local-file watcher of an app that reads its config from a file."""
+    assert isinstance(app.source, LocalFileSource)
+    assert app.source.watcher is not None
+    return app.source.watcher

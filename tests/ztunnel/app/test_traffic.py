@@ -10,7 +10,7 @@ import pytest
 
 from ztunnel.accesslog import parse_text_line
 
-from .harness import Echo, SocksRefused, get, mesh, roundtrip, socks_connect, until
+from .harness import Echo, SocksRefused, get, mesh, roundtrip, socks_connect, until, watcher
 
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
@@ -161,7 +161,7 @@ async def test_unknown_referenced_policy_denies_and_is_counted(tmp_path):
             "    authorizationPolicies: [default/missing]\n    services:\n      default/server",
         )
         m.write_config(text)
-        await until(lambda: m.b.watcher.reloads_ok == 1, what="reload")
+        await until(lambda: watcher(m.b).reloads_ok == 1, what="reload")
         with pytest.raises(SocksRefused):
             await socks_connect(m.client_ip, m.server_ip, 8080)
         await until(
@@ -222,7 +222,7 @@ async def test_config_dump_shows_live_connection_and_policy_change_closes_it(tmp
 async def test_bad_config_reload_keeps_old_config_and_is_counted(tmp_path):
     async with mesh(tmp_path) as m:
         m.write_config(m.config_path.read_text().replace("workloadIps: [", "workloadIps: [bogus, "))
-        await until(lambda: m.b.watcher.reloads_failed == 1, what="rejected reload")
+        await until(lambda: watcher(m.b).reloads_failed == 1, what="rejected reload")
         assert m.b.metrics.value("istio_config_reload_failures_total", {"source": "local"}) == 1
         _status, body = await get(m.b.url("admin") + "/config_dump")
         cfg = json.loads(body)["config"]
@@ -321,7 +321,7 @@ async def test_plaintext_inbound_under_policy(tmp_path):
     ) as m:
         prefix_box.append(m.prefix)
         m.set_policies(allow_p4 % m.prefix)
-        await until(lambda: m.b.watcher.reloads_ok == 1, what="reload")
+        await until(lambda: watcher(m.b).reloads_ok == 1, what="reload")
 
         async def plain_from(source: str) -> bytes:
             sock = socket.socket()
@@ -360,3 +360,31 @@ async def test_plaintext_inbound_under_policy(tmp_path):
             if s.name.endswith("_total")
         ]
         assert [s.value for s in samples if labels.items() <= s.labels.items()] == [1.0]
+
+
+async def test_no_source_certificate_refuses_with_identity_error(tmp_path):
+    from ztunnel.app import App
+    from ztunnel.identity.ca import LocalCaClient
+
+    from .harness import CA, app_config, base_config, random_prefix
+
+    prefix = random_prefix()
+    path = tmp_path / "mesh.yaml"
+    path.write_text(base_config(prefix))
+    ca = LocalCaClient(CA)
+    ca.fail_next(1000)  # the CA never issues the client's certificate
+    logs: list[str] = []
+    a = App(app_config(path, "node-a", logs, ca_client=ca))
+    await a.start()
+    try:
+        with pytest.raises(SocksRefused) as refused:
+            await socks_connect(f"{prefix}.1", f"{prefix}.2", 8080)
+        assert refused.value.code != 0
+        await until(lambda: logs, what="access log")
+        line = parse_text_line(logs[-1])
+        assert line["error"].startswith(f"no certificate for {CLIENT_ID}")
+        flagged = tcp_labels("source", flags="IDENTITY_ERROR")
+        assert a.metrics.value("istio_tcp_connections_failed_total", flagged) == 1
+    finally:
+        a.drain.deadline = 0.2
+        await asyncio.wait_for(a.stop(), 10)

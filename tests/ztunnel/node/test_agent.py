@@ -176,3 +176,107 @@ async def test_identity_change_restarts_pod() -> None:
         await asyncio.sleep(0.01)
     assert proxies.log == [("start", "a"), ("stop", "a"), ("start", "a")]
     await agent.stop()
+
+
+class BlockingStop(FakeProxies):
+    """stop_pod waits for ``release`` (a pod draining its connections)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def stop_pod(self, uid: str) -> None:
+        self.log.append(("stop", uid.rsplit("/", 1)[-1]))
+        await self.release.wait()
+        self.log.append(("stopped", uid.rsplit("/", 1)[-1]))
+
+
+async def until(predicate, what: str) -> None:
+    for _ in range(300):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_a_draining_pod_does_not_hold_up_other_pods() -> None:
+    store = WorkloadStore()
+    store.replace_all([wl("a")], [], [])
+    agent, _, rules, _, _ = make(store, {})
+    proxies = BlockingStop()
+    agent.proxies = proxies
+    await agent.start()
+    try:
+        store.replace_all([wl("b")], [], [])  # a leaves (drains, blocked), b arrives
+        await until(lambda: agent.pods() == {"Kubernetes//Pod/demo/b": True}, "b started")
+        assert ("stop", "a") in proxies.log
+        assert "/run/netns/a" in rules.programmed  # rules stay until the drain is over
+        assert agent.snapshot()["counters"]["draining_proxy_count"] == 1
+        proxies.release.set()
+        await until(lambda: "/run/netns/a" not in rules.programmed, "a's rules removed")
+        assert agent.snapshot()["counters"]["draining_proxy_count"] == 0
+    finally:
+        proxies.release.set()
+        await agent.stop()
+
+
+async def test_pod_back_in_its_netns_while_draining_keeps_its_rules() -> None:
+    store = WorkloadStore()
+    store.replace_all([wl("a")], [], [])
+    agent, _, rules, _, _ = make(store, {})
+    proxies = BlockingStop()
+    agent.proxies = proxies
+    await agent.start()
+    try:
+        store.replace_all([], [], [])
+        await until(lambda: ("stop", "a") in proxies.log, "a stopping")
+        store.replace_all([wl("a")], [], [])
+        await until(lambda: "Kubernetes//Pod/demo/a" in agent.pods(), "a back")
+        await asyncio.sleep(0.05)
+        # The new start waits for the old proxies of the same uid to be gone.
+        assert proxies.log == [("start", "a"), ("stop", "a")]
+        proxies.release.set()
+        await until(lambda: agent.pods() == {"Kubernetes//Pod/demo/a": True}, "a up again")
+        await agent.wait_removals()
+        assert proxies.log == [("start", "a"), ("stop", "a"), ("stopped", "a"), ("start", "a")]
+        assert rules.programmed == {"/run/netns/a"}
+        assert ("unprogram", "/run/netns/a") not in rules.log
+    finally:
+        proxies.release.set()
+        await agent.stop()
+
+
+class Provider:
+    def __init__(self) -> None:
+        self.synced = False
+        self.wanted: dict[str, Workload] = {}
+        self.callbacks: list = []
+
+    def pods(self, store, node):
+        return dict(self.wanted)
+
+    def subscribe(self, callback):
+        self.callbacks.append(callback)
+        return lambda: self.callbacks.remove(callback)
+
+
+async def test_local_pods_provider_decides_and_holds_readiness_until_synced() -> None:
+    store = WorkloadStore()
+    store.replace_all([wl("a"), wl("b")], [], [])  # the store alone would enroll both
+    provider = Provider()
+    agent, proxies, _, _, ready = make(store, {}, local_pods=provider)
+    await agent.start()
+    try:
+        assert proxies.log == []
+        assert ready.pending() == {READINESS_TASK: "pod list not synced yet"}
+        assert not agent.ready
+        provider.wanted = {"Kubernetes//Pod/demo/b": wl("b")}
+        provider.synced = True
+        for callback in provider.callbacks:
+            callback()
+        await until(lambda: ready.ready, "ready")
+        assert proxies.log == [("start", "b")]
+        assert agent.ready
+    finally:
+        await agent.stop()
+    assert provider.callbacks == []  # unsubscribed

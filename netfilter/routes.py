@@ -8,6 +8,7 @@ pyroute2's synchronous API runs its own event loop: call these from a worker thr
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 from collections.abc import Callable, Iterator
@@ -62,11 +63,17 @@ class Pyroute2RouteOps:
         # Runs inside in_netns_thread: this thread already is in the pod netns.
         from pyroute2 import IPRoute  # shell-only import
 
-        ipr = IPRoute()
+        # pyroute2 runs its own asyncio loop; give it a plain one, whatever the process's loop
+        # policy is (uvloop cannot open netlink sockets: "invalid family 16").
+        loop = asyncio.SelectorEventLoop()
         try:
-            yield ipr
+            ipr = IPRoute(use_event_loop=loop)
+            try:
+                yield ipr
+            finally:
+                ipr.close()
         finally:
-            ipr.close()
+            loop.close()
 
     def _in(self, netns: str, fn: Callable[[], _T]) -> _T:
         try:

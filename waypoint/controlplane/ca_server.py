@@ -184,9 +184,9 @@ def effective_ttl(
 
 
 class IstioCaService(GrpcService):
-    _service_name = "CA server"
-
     """CreateCertificate over grpc.aio: authenticate, check, sign."""
+
+    _service_name = "CA server"
 
     def __init__(
         self,

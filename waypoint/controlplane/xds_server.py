@@ -75,9 +75,9 @@ class _Connection:
 
 
 class XdsServer(GrpcService):
-    _service_name = "xDS server"
-
     """Delta ADS over a versioned snapshot; add to a grpc.aio server or start() its own."""
+
+    _service_name = "xDS server"
 
     def __init__(
         self,

@@ -319,6 +319,8 @@ class LocalCa:
         # Extra trust domains this CA may sign for (lab/tests: "same root, other trust domain").
         self.trust_domain_aliases = tuple(trust_domain_aliases)
         self._signer = signer
+        # The next root, trusted but not yet signing (step 1 of a hitless rotation); not saved to disk.
+        self._next_signer: _Signer | None = None
         self._roots = list(roots)
         if not any(r == signer.root for r in self._roots):
             self._roots.append(signer.root)
@@ -447,16 +449,39 @@ class LocalCa:
         """The root that currently signs (directly or through the intermediate)."""
         return self._signer.root
 
+    def prepare_root_rotation(self) -> x509.Certificate:
+        """Step 1 of a hitless root rotation: make the next root and trust it, without signing with it.
+
+        Certificates issued from now on carry both roots, so once workloads have renewed they accept
+        leaves from either. Then ``rotate_root`` switches signing to it (step 2), and
+        ``drop_old_roots`` ends trust in the old one (step 3). Returns the next root.
+        """
+        if self._next_signer is None:
+            self._next_signer = _make_signer(
+                self.trust_domain, self._root_ttl, self._intermediate, self._clock()
+            )
+            self._roots.append(self._next_signer.root)
+        return self._next_signer.root
+
     def rotate_root(self) -> None:
-        """Make a new root (and intermediate, if used); it signs from now on, old roots stay trusted."""
-        self._signer = _make_signer(
+        """Sign with a new root (the prepared one, else a fresh one); old roots stay trusted.
+
+        Without ``prepare_root_rotation`` first, peers that have not renewed since do not trust the
+        new root yet and refuse leaves it signed until they renew.
+        """
+        signer = self._next_signer or _make_signer(
             self.trust_domain, self._root_ttl, self._intermediate, self._clock()
         )
-        self._roots.append(self._signer.root)
+        self._next_signer = None
+        self._signer = signer
+        if not any(r == signer.root for r in self._roots):
+            self._roots.append(signer.root)
 
     def drop_old_roots(self) -> None:
-        """Stop trusting every root but the current one."""
+        """Stop trusting every root but the current one (and a prepared next one)."""
         self._roots = [self._signer.root]
+        if self._next_signer is not None:
+            self._roots.append(self._next_signer.root)
 
     # -- issuing ------------------------------------------------------------------------------
 

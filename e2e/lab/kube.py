@@ -4,15 +4,25 @@ Owns what a cluster would provide around our data plane, so ztunnel runs exactly
 (``ztunnel run`` with ``XDS_ADDRESS`` and no config file):
 
 * a control-plane netns ``<prefix>-cp`` on the fabric bridge (``10.240.0.250``), reachable from every
-  node; in it the fake API server (``e2e.fakekube``, served from a thread of the lab process that
+  node and pod (routes to every node's pod CIDR via that node); in it the fake API server
+  (``e2e.fakekube``, served from a thread of the lab process that
   entered that netns, so the lab reads and writes objects directly) and ``waypoint manager``
   (xDS and the Istio CA on 15012, signing with the lab's CA directory, monitoring on 15014);
 * the lab's pods mirrored as Pod objects (nodeName, podIP, phase Running, Ready, service account,
   labels), their Namespaces (unlabelled unless asked: the test labels them ``ambient``),
   ServiceAccounts, Services (the spec's VIPs as ClusterIPs) with EndpointSlices;
-* one Pod per node for its ztunnel (``istio-system/ztunnel-<node>``, service account ``ztunnel``)
+* one Pod per node for its ztunnel (``ambient-system/ztunnel-<node>``, service account ``ztunnel``,
+  the node agent account the manager is told to trust)
   and a token file per node; the API server's TokenReview maps each token to that pod, bound to
   its node, which is how the CA learns which identities a ztunnel may obtain;
+* the kubelet (and the Deployment/ReplicaSet controllers) for waypoints: ``run_deployment(ns, name)``
+  waits for the Deployment the manager rendered for a Gateway, creates its ReplicaSet and one Pod
+  per waypoint replica the spec declared (the Deployment's pod labels, the ReplicaSet as owner,
+  ``nodeName``, ``podIP``, Running/Ready), and starts ``waypoint proxy`` in each replica's netns
+  (not captured) exactly as the container says: its command and args, its env with the downward
+  API resolved from that Pod, the projected ``istio-ca`` token as a file whose TokenReview says
+  "this pod's service account", and the in-cluster control-plane address resolved to the lab's
+  (the lab's "cluster DNS", plaintext); then reports ``readyReplicas`` on the Deployment;
 * the kubelet's health-probe path: ``probe(pod, port)`` connects from the node netns with the source
   SNATed to ``169.254.7.127`` (the host rule istio-cni installs: ``nat POSTROUTING -m owner
   --socket-exists -j SNAT``), which the in-pod rules exempt from capture; ``install_probe_snat``
@@ -43,7 +53,7 @@ import yaml
 
 from e2e.fakekube import FakeApiServer, TokenReviewResult, pod_token_user
 from e2e.lab import topology
-from e2e.lab.spec import PodSpec, netns_path
+from e2e.lab.spec import PodSpec, WaypointSpec, netns_path
 from e2e.netns import in_netns
 from ztunnel.config import PROBE_SNAT_IPV4
 
@@ -54,7 +64,7 @@ CP_IP = ipaddress.IPv4Address("10.240.0.250")
 API_PORT = 6443
 XDS_PORT = 15012
 MONITORING_PORT = 15014
-ZTUNNEL_NAMESPACE = "istio-system"
+ZTUNNEL_NAMESPACE = "ambient-system"  # as deploy/ztunnel; the CA trusts this node agent account
 ZTUNNEL_ACCOUNT = "ztunnel"
 READY_TIMEOUT = 30.0
 _CLONE_NEWNET = 0x40000000
@@ -127,6 +137,10 @@ class KubeLab:
     _api: _ApiServerThread | None = None
     manager: subprocess.Popen[bytes] | None = None
     reviews: int = 0
+    pod_tokens: dict[str, tuple[str, str, str, str]] = field(default_factory=dict)
+    """token -> (namespace, service account, pod, node) of the waypoint pods the lab started."""
+    _pod_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    _pod_args: dict[str, list[str]] = field(default_factory=dict)
 
     # --- names and paths -------------------------------------------------------------------
 
@@ -162,6 +176,10 @@ class KubeLab:
         self._build_netns()
         self._api = _ApiServerThread(self.netns, self._review)
         self._api.start()
+        # ClusterIPs the API server allocates (the manager's waypoint Services) must not collide
+        # with the spec's VIPs (10.96.0.0/24): start its allocator at 10.96.1.10. fakekube has no
+        # public knob for its service range yet.
+        self._api.server.store._next_cluster_ip = 256 + 10
         self._write_kubeconfig()
         self.mirror()
         if manager:
@@ -189,6 +207,11 @@ class KubeLab:
             ["ip", "-n", ns, "link", "set", "lo", "up"],
             ["ip", "-n", ns, "addr", "add", f"{self.cp_ip}/24", "dev", "eth0"],
             ["ip", "-n", ns, "link", "set", "eth0", "up"],
+            # Pods (waypoints) talk to the API server and the control plane too: route replies.
+            *(
+                ["ip", "-n", ns, "route", "add", str(n.pod_cidr), "via", str(n.ip)]
+                for n in self.lab.spec.nodes
+            ),
         ):  # fmt: skip
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
             if proc.returncode != 0:
@@ -215,7 +238,10 @@ class KubeLab:
         for ns in sorted(namespaces):
             put(self.namespace_object(ns, ambient=ns in self.ambient_namespaces))
         accounts = {(ZTUNNEL_NAMESPACE, ZTUNNEL_ACCOUNT)} | {
-            (p.namespace, p.service_account) for p in spec.pods
+            # A waypoint's account is the manager's to create (it refuses one it does not own).
+            (p.namespace, p.service_account)
+            for p in spec.pods
+            if p.waypoint is None
         }
         for ns, sa in sorted(accounts):
             put(
@@ -368,6 +394,19 @@ class KubeLab:
 
     def _review(self, token: str, audiences: tuple[str, ...]) -> TokenReviewResult:
         self.reviews += 1
+        for known, (ns, sa, pod_name, node) in list(self.pod_tokens.items()):
+            if secrets.compare_digest(token, known):
+                pod = self.server.get_object("v1", "Pod", pod_name, ns)
+                if pod is None:
+                    break
+                return pod_token_user(
+                    namespace=ns,
+                    service_account=sa,
+                    pod_name=pod_name,
+                    pod_uid=str(pod["metadata"]["uid"]),
+                    node_name=node,
+                    audiences=audiences,
+                )
         for node, known in self.tokens.items():
             if secrets.compare_digest(token, known):
                 pod = self.server.get_object("v1", "Pod", f"ztunnel-{node}", ZTUNNEL_NAMESPACE)
@@ -396,6 +435,7 @@ class KubeLab:
             f"--ca-dir={self.lab.ca_dir}",
             f"--mesh-trust-domain={self.lab.spec.trust_domain}",
             f"--trust-domain={self.lab.spec.trust_domain}",
+            f"--trusted-node-accounts={ZTUNNEL_NAMESPACE}/{ZTUNNEL_ACCOUNT}",
             "--no-leader-elect",
             f"--log-level={log_level.upper()}",
         ]  # fmt: skip
@@ -476,6 +516,166 @@ class KubeLab:
             self.lab.start_ztunnel(node.name, log_level=log_level)
         self.lab.wait_ready()
 
+    # --- the kubelet for waypoint Deployments ------------------------------------------------------
+
+    def wait_object(
+        self, api_version: str, kind: str, name: str, namespace: str | None, timeout: float = 20.0
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while (obj := self.server.get_object(api_version, kind, name, namespace)) is None:
+            if time.monotonic() > deadline:
+                where = f"{namespace}/{name}" if namespace else name
+                raise KubeLabError(
+                    f"{kind} {where} did not appear within {timeout:.0f} s; manager log "
+                    f"{self.dir / 'manager.log'}:\n{_tail(self.dir / 'manager.log')}"
+                )
+            time.sleep(0.05)
+        return obj
+
+    def run_deployment(
+        self, namespace: str, name: str, *, timeout: float = 20.0, log_level: str = "info"
+    ) -> list[str]:
+        """Play the Deployment controller and kubelet for the waypoint Deployment ``namespace/name``:
+        Pods for the spec's replicas of that waypoint, ``waypoint proxy`` in each, wait until
+        ready, report ``readyReplicas``. Returns the pod names."""
+        dep = self.wait_object("apps/v1", "Deployment", name, namespace, timeout)
+        try:
+            waypoint = self.lab.spec.waypoint(f"{namespace}/{name}")
+        except KeyError:
+            raise KubeLabError(
+                f"Deployment {namespace}/{name}: the lab spec declares no waypoint {name} in "
+                f"{namespace} (its replicas' netns are built at start-up)"
+            ) from None
+        template = dep["spec"]["template"]
+        wanted = int(dep["spec"].get("replicas") or 1)
+        pods = list(waypoint.pods[: max(1, wanted)])
+        template_hash = secrets.token_hex(5)[:10]
+        rs = self.put(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "metadata": {
+                    "name": f"{name}-{template_hash}",
+                    "namespace": namespace,
+                    "labels": {
+                        **template["metadata"]["labels"],
+                        "pod-template-hash": template_hash,
+                    },
+                    "ownerReferences": [_controller_ref(dep)],
+                },
+                "spec": {
+                    "replicas": len(pods),
+                    "selector": dep["spec"]["selector"],
+                    "template": template,
+                },
+            }
+        )
+        self.lab.waypoint_argv = self._waypoint_pod_argv  # type: ignore[method-assign]
+        for pod_name in pods:
+            self._start_waypoint_pod(waypoint, pod_name, template, rs, template_hash, log_level)
+        self.lab.wait_waypoints_ready()
+        current = self.server.get_object("apps/v1", "Deployment", name, namespace) or dep
+        current["status"] = {
+            "observedGeneration": current["metadata"].get("generation", 1),
+            "replicas": len(pods),
+            "readyReplicas": len(pods),
+            "availableReplicas": len(pods),
+            "updatedReplicas": len(pods),
+        }
+        self.put(current)
+        return pods
+
+    def _start_waypoint_pod(
+        self,
+        waypoint: WaypointSpec,
+        pod_name: str,
+        template: Mapping[str, Any],
+        rs: Mapping[str, Any],
+        template_hash: str,
+        log_level: str,
+    ) -> None:
+        p = self.lab.spec.pod(pod_name)
+        tspec = template["spec"]
+        account = str(tspec.get("serviceAccountName") or "default")
+        container = tspec["containers"][0]
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        pod = self.put(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": p.name,
+                    "namespace": p.namespace,
+                    "labels": {
+                        **template["metadata"]["labels"],
+                        "pod-template-hash": template_hash,
+                    },
+                    "annotations": dict(template["metadata"].get("annotations") or {}),
+                    "ownerReferences": [_controller_ref(rs)],
+                },
+                "spec": {**tspec, "nodeName": p.node},
+                "status": {
+                    "phase": "Running",
+                    "podIP": str(p.ip),
+                    "podIPs": [{"ip": str(p.ip)}],
+                    "hostIP": str(self.lab.spec.node(p.node).ip),
+                    "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+                },
+            }
+        )
+        # The projected service-account token (audience istio-ca), bound to this pod.
+        token = secrets.token_hex(24)
+        self.pod_tokens[token] = (p.namespace, account, p.name, p.node)
+        token_file = self.dir / "pods" / p.name / "istio-token"
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        token_file.write_text(token + "\n")
+        env = self.container_env(container, pod)
+        token_dir = _projected_token_dir(tspec, container)
+        for key, value in list(env.items()):
+            if token_dir and value.startswith(token_dir + "/"):
+                env[key] = str(token_file.parent / value.removeprefix(token_dir + "/"))
+            elif value.startswith(("https://", "http://")) and value.rstrip("/").endswith(
+                f":{XDS_PORT}"
+            ):
+                env[key] = self.xds_address  # the lab's "cluster DNS" for the control plane
+        env["KUBECONFIG"] = str(self.kubeconfig)  # stands in for the in-cluster service account
+        env.pop("XDS_ROOT_CA", None)  # plaintext in the lab
+        env.pop("CA_ROOT_CA", None)
+        command = list(container.get("command") or [])
+        if command[:1] != ["waypoint"]:
+            raise KubeLabError(f"waypoint Deployment runs {command}, not the waypoint command")
+        self._pod_env[p.name] = env
+        self._pod_args[p.name] = [str(a) for a in container.get("args") or []]
+        self.lab.start_waypoint(p.name, log_level=log_level)
+
+    @staticmethod
+    def container_env(container: Mapping[str, Any], pod: Mapping[str, Any]) -> dict[str, str]:
+        """The container's env with the downward API (fieldRef) resolved from ``pod``."""
+        out: dict[str, str] = {}
+        for item in container.get("env") or []:
+            if "value" in item:
+                out[item["name"]] = str(item["value"])
+                continue
+            path = ((item.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath", "")
+            value: Any = pod
+            for part in path.split("."):
+                value = value.get(part) if isinstance(value, Mapping) else None
+            if value is None:
+                raise KubeLabError(f"env {item['name']}: cannot resolve {item.get('valueFrom')}")
+            out[item["name"]] = str(value)
+        return out
+
+    def _waypoint_pod_argv(
+        self, pod: str, log_level: str, extra_args: Iterable[str] = ()
+    ) -> list[str]:
+        env = self._pod_env[pod]
+        return [
+            "ip", "netns", "exec", self.lab.pod_netns(pod),
+            "env", *(f"{k}={v}" for k, v in sorted(env.items())),
+            self.lab.python, "-m", "waypoint.cli", *self._pod_args[pod],
+            "--log-level", log_level, *extra_args,
+        ]  # fmt: skip
+
     # --- the kubelet's health probe -------------------------------------------------------------
 
     def install_probe_snat(self) -> None:
@@ -510,6 +710,28 @@ class KubeLab:
             return resp.status
         finally:
             conn.close()
+
+
+def _controller_ref(owner: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": owner["metadata"]["name"],
+        "uid": owner["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _projected_token_dir(pod_spec: Mapping[str, Any], container: Mapping[str, Any]) -> str:
+    """Where the container mounts a projected service-account token with audience istio-ca."""
+    volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
+    for mount in container.get("volumeMounts") or []:
+        sources = ((volumes.get(mount["name"]) or {}).get("projected") or {}).get("sources") or []
+        for source in sources:
+            if (source.get("serviceAccountToken") or {}).get("audience") == "istio-ca":
+                return str(mount["mountPath"]).rstrip("/")
+    return ""
 
 
 def _tail(path: Path, lines: int = 30) -> str:

@@ -8,16 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 
 from e2e.fakekube import FakeApiServer, TokenReviewResult, pod_token_user
 from tests.controlplane import objects as o
 from waypoint.controlplane.authn import (
+    DEFAULT_TRUSTED_NODE_ACCOUNTS,
+    ISTIO_TRUSTED_NODE_ACCOUNTS,
     AuthnError,
     TokenReviewAuthenticator,
     caller_from_review,
+    format_node_accounts,
     identities_by_node,
+    parse_node_accounts,
 )
 from waypoint.controlplane.service import ControlPlane, ControlPlaneConfig
 from waypoint.manager.client import connect
@@ -54,7 +59,17 @@ TOKENS: dict[str, TokenReviewResult] = {
     "tok-alice": pod_token_user(
         namespace="shop", service_account="alice", pod_name="alice-1", pod_uid="uid-shop-alice-1"
     ),
+    # A waypoint pod's own projected token (bound to its pod and node, like every pod token).
+    "tok-waypoint": pod_token_user(
+        namespace="shop",
+        service_account="waypoint",
+        pod_name="waypoint-7f9-abcde",
+        pod_uid="uid-wp",
+        node_name="node-a",
+        audiences=("istio-ca",),
+    ),
 }
+WAYPOINT = SpiffeId(TD, "shop", "waypoint")
 
 
 def reviewer(token: str, audiences: tuple[str, ...]) -> TokenReviewResult:
@@ -105,7 +120,10 @@ async def api_client(server: FakeApiServer, tmp_path: Path) -> AsyncIterator[k8s
 
 @pytest.fixture
 def authenticator(plane: ControlPlane, api_client: k8s.ApiClient) -> TokenReviewAuthenticator:
-    return TokenReviewAuthenticator(api_client, plane.pod, trust_domain=TD)
+    # These tests use Istio's node agent account (istio-system/ztunnel).
+    return TokenReviewAuthenticator(
+        api_client, plane.pod, trust_domain=TD, trusted_node_accounts=ISTIO_TRUSTED_NODE_ACCOUNTS
+    )
 
 
 @pytest.mark.parametrize(
@@ -190,10 +208,12 @@ async def ca_port(
         await service.stop(0)
 
 
-async def _sign(port: int, token: str, identity: SpiffeId, tmp_path: Path) -> list[bytes]:
+async def _sign(
+    port: int, token: str, identity: SpiffeId, tmp_path: Path, *, impersonate: bool = True
+) -> list[bytes]:
     token_path = tmp_path / "token"
     token_path.write_text(token)
-    client = IstioCaClient(f"127.0.0.1:{port}", token_path=token_path)
+    client = IstioCaClient(f"127.0.0.1:{port}", token_path=token_path, impersonate=impersonate)
     key_pem, csr_pem = make_csr(identity)
     try:
         chain = await client.sign(identity, csr_pem, datetime.timedelta(hours=1))
@@ -224,3 +244,50 @@ async def test_ca_refuses(
 ) -> None:
     with pytest.raises(CsrRejected, match=reason):
         await _sign(ca_port, token, identity, tmp_path)
+
+
+async def test_waypoint_pod_token_gets_its_own_identity_only(ca_port: int, tmp_path: Path) -> None:
+    # As the waypoint proxy asks in cluster mode: its own token, its own identity, no impersonation.
+    await _sign(ca_port, "tok-waypoint", WAYPOINT, tmp_path, impersonate=False)
+    # Not a node agent: not even identities of pods on its own node (alice runs on node-a).
+    with pytest.raises(CsrRejected, match="PERMISSION_DENIED"):
+        await _sign(ca_port, "tok-waypoint", ALICE, tmp_path, impersonate=False)
+    with pytest.raises(CsrRejected, match="PERMISSION_DENIED"):
+        await _sign(ca_port, "tok-waypoint", ALICE, tmp_path, impersonate=True)
+
+
+async def test_node_rights_follow_the_configured_accounts(
+    plane: ControlPlane, api_client: k8s.ApiClient
+) -> None:
+    # Our manifests' default (ambient-system/ztunnel): the istio-system ztunnel is an ordinary pod.
+    ours = TokenReviewAuthenticator(api_client, plane.pod, trust_domain=TD)
+    caller = await ours("tok-ztunnel-a")
+    assert caller is not None
+    assert (caller.identity, caller.node) == (ZTUNNEL, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "accounts"),
+    [
+        ("ambient-system/ztunnel", {("ambient-system", "ztunnel")}),
+        (" a/b , c/d ,", {("a", "b"), ("c", "d")}),
+        ("", set()),
+    ],
+    ids=["one", "several-with-spaces", "none"],
+)
+def test_parse_node_accounts(text: str, accounts: set[tuple[str, str]]) -> None:
+    assert parse_node_accounts(text) == accounts
+
+
+@pytest.mark.parametrize("text", ["ztunnel", "a/", "/b", "a/b/c"], ids=str)
+def test_parse_node_accounts_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match=r"--trusted-node-accounts: .* is not <namespace>/<serv"):
+        parse_node_accounts(text)
+
+
+def test_default_matches_our_ztunnel_manifest() -> None:
+    daemonset = Path(__file__).parents[2] / "deploy" / "ztunnel" / "daemonset.yaml"
+    ds = yaml.safe_load(daemonset.read_text())
+    account = (ds["metadata"]["namespace"], ds["spec"]["template"]["spec"]["serviceAccountName"])
+    assert {account} == DEFAULT_TRUSTED_NODE_ACCOUNTS
+    assert format_node_accounts(DEFAULT_TRUSTED_NODE_ACCOUNTS) == "ambient-system/ztunnel"

@@ -35,6 +35,18 @@ def test_flags_have_istio_like_defaults() -> None:
     assert args.xds_address == "0.0.0.0:15012"
     assert args.leader_elect is True
     assert (args.cluster_id, args.root_namespace) == ("Kubernetes", "istio-system")
+    assert args.trusted_node_accounts == "ambient-system/ztunnel"  # deploy/ztunnel's account
+
+
+def test_bad_trusted_node_accounts_flag_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--trusted-node-accounts", "ztunnel"])
+    with pytest.raises(SystemExit):
+        cli.check_arguments(parser, args)
+    assert "--trusted-node-accounts: 'ztunnel' is not <namespace>/<service account>" in (
+        capsys.readouterr().err
+    )
 
 
 async def test_run_serves_and_runs_the_controller_only_while_leader(tmp_path: Path) -> None:

@@ -3,7 +3,10 @@
 A ztunnel authenticates with its projected, pod-bound service-account token (audience `istio-ca`).
 `TokenReviewAuthenticator` asks the API server (`authentication.k8s.io/v1` TokenReview) who the token
 belongs to and returns a `ca_server.Caller`: its own SPIFFE identity and, for trusted node agents
-only (default `istio-system/ztunnel`, istiod's CA_TRUSTED_NODE_ACCOUNTS), the node its pod runs on.
+only (`--trusted-node-accounts`, istiod's CA_TRUSTED_NODE_ACCOUNTS; default `ambient-system/ztunnel`,
+the account of deploy/ztunnel, where Istio's is `istio-system/ztunnel`), the node its pod runs on.
+Any other caller - a waypoint pod with its own projected token, say - gets exactly the identity of
+its own service account and may impersonate nobody.
 The node comes from the pod the token is bound to (pod-name/pod-uid claims), checked against the
 watched Pod: a token of a deleted or replaced pod, or one whose node claim disagrees, gets no node.
 
@@ -32,7 +35,9 @@ from ztunnel.identity.spiffe import SpiffeId, SpiffeIdError
 log = logging.getLogger(__name__)
 
 CA_AUDIENCE: Final = "istio-ca"
-DEFAULT_TRUSTED_NODE_ACCOUNTS: Final = frozenset({("istio-system", "ztunnel")})
+# Our manifests run ztunnel as ambient-system/ztunnel (deploy/ztunnel); istiod's default differs.
+DEFAULT_TRUSTED_NODE_ACCOUNTS: Final = frozenset({("ambient-system", "ztunnel")})
+ISTIO_TRUSTED_NODE_ACCOUNTS: Final = frozenset({("istio-system", "ztunnel")})
 _SA_PREFIX: Final = "system:serviceaccount:"
 _POD_NAME: Final = "authentication.kubernetes.io/pod-name"
 _POD_UID: Final = "authentication.kubernetes.io/pod-uid"
@@ -44,6 +49,29 @@ PodLookup = Callable[[str, str], Mapping[str, Any] | None]
 
 class AuthnError(Exception):
     """A token is not accepted; the message says why (logged, never sent to the caller in full)."""
+
+
+def parse_node_accounts(
+    text: str, where: str = "--trusted-node-accounts"
+) -> frozenset[tuple[str, str]]:
+    """``ns/sa[,ns/sa...]`` (istiod's CA_TRUSTED_NODE_ACCOUNTS format) -> {(ns, sa)}.
+
+    An empty string trusts no node agent at all. ValueError names ``where`` and the bad entry.
+    """
+    out: set[tuple[str, str]] = set()
+    for raw in text.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        namespace, sep, account = entry.partition("/")
+        if not sep or not namespace or not account or "/" in account:
+            raise ValueError(f"{where}: {entry!r} is not <namespace>/<service account>")
+        out.add((namespace, account))
+    return frozenset(out)
+
+
+def format_node_accounts(accounts: Collection[tuple[str, str]]) -> str:
+    return ",".join(f"{ns}/{sa}" for ns, sa in sorted(accounts))
 
 
 def _claim(extra: Mapping[str, Any], key: str) -> str:

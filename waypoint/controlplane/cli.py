@@ -28,7 +28,12 @@ import grpc
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 
-from waypoint.controlplane.authn import TokenReviewAuthenticator
+from waypoint.controlplane.authn import (
+    DEFAULT_TRUSTED_NODE_ACCOUNTS,
+    TokenReviewAuthenticator,
+    format_node_accounts,
+    parse_node_accounts,
+)
 from waypoint.controlplane.ca_server import IstioCaService
 from waypoint.controlplane.leader import LeaderElector
 from waypoint.controlplane.service import ControlPlane, ControlPlaneConfig
@@ -72,6 +77,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mesh-cluster-domain", default=env("CLUSTER_DOMAIN", "cluster.local"))
     g.add_argument("--root-namespace", default=env("ROOT_NAMESPACE", DEFAULT_ROOT_NAMESPACE))
     g.add_argument(
+        "--trusted-node-accounts",
+        default=env(
+            "CA_TRUSTED_NODE_ACCOUNTS", format_node_accounts(DEFAULT_TRUSTED_NODE_ACCOUNTS)
+        ),
+        help="node agents (ns/sa, comma-separated) that may obtain identities of pods on their "
+        "node; everyone else gets only its own identity",
+    )
+    g.add_argument(
         "--leader-elect",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -104,6 +117,10 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     """Reject flag combinations `run` cannot honour (exits through `parser.error`)."""
     if (args.tls_cert_chain is None) != (args.tls_key is None):
         parser.error("--tls-cert-chain and --tls-key go together")
+    try:
+        parse_node_accounts(args.trusted_node_accounts)
+    except ValueError as err:
+        parser.error(str(err))
     if args.leader_elect:
         if args.lease_duration < 1:
             parser.error(f"--lease-duration {args.lease_duration}: must be at least 1 second")
@@ -231,7 +248,16 @@ async def run(
             credentials = _server_credentials(args)
             await plane.start()
             authenticator = TokenReviewAuthenticator(
-                raw, plane.pod, trust_domain=args.mesh_trust_domain
+                raw,
+                plane.pod,
+                trust_domain=args.mesh_trust_domain,
+                trusted_node_accounts=parse_node_accounts(
+                    getattr(
+                        args,
+                        "trusted_node_accounts",
+                        format_node_accounts(DEFAULT_TRUSTED_NODE_ACCOUNTS),
+                    )
+                ),
             )
             if credentials is None:
                 log.warning("xDS and CA served in plaintext (no --tls-cert-chain/--tls-key)")

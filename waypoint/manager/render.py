@@ -12,7 +12,11 @@ Choices, with the pain point each answers (reference/waypoint.md §D):
   so long-lived HBONE streams are not reset in a scale-down sawtooth (#1, picchu#645);
 * zone and node topology spread, PDB minAvailable 1 with AlwaysAllow for unhealthy pods (#3, #4);
 * terminationGracePeriodSeconds >= 30 plus a preStop delay so endpoints leave ztunnel before the
-  proxy drains with GOAWAY (#11); rolling updates never drop below the current replica count.
+  proxy drains with GOAWAY (#11); rolling updates never drop below the current replica count;
+* the proxy runs in cluster mode (`waypoint.proxy.xdsview`): `XDS_ADDRESS`/`CA_ADDRESS` of the
+  control plane, its own identity from the downward API (`POD_NAMESPACE`, `SERVICE_ACCOUNT`), a
+  projected service-account token with audience `istio-ca` (the CA signs only the pod's own
+  identity for it) and the root certificate ConfigMap that verifies the control plane's TLS.
 
 Pure: no I/O; output is deterministic (golden-file tested).
 """
@@ -46,6 +50,12 @@ CONTAINER_NAME: Final = "istio-proxy"
 """Istio's container name, so Istio-style `deployment` overlays and ProxyConfig selectors still match."""
 PROXY_UID: Final = 1337
 PRESTOP_DELAY_SECONDS: Final = 5
+DEFAULT_XDS_ADDRESS: Final = "https://ambient-controlplane.ambient-system.svc:15012"
+"""deploy/controlplane/service.yaml: xDS and the CA on one gRPC port."""
+TOKEN_DIR: Final = "/var/run/secrets/tokens"
+ROOT_CERT_DIR: Final = "/var/run/secrets/istio"
+CA_AUDIENCE: Final = "istio-ca"
+TOKEN_EXPIRATION_SECONDS: Final = 43200
 """Time for endpoint removal to reach every ztunnel before the proxy starts draining."""
 
 # Annotations that steer the controller itself and are not copied onto rendered objects.
@@ -71,6 +81,11 @@ class RenderConfig:
     image_pull_policy: str = "IfNotPresent"
     cluster_domain: str = "cluster.local"
     trust_domain: str = DEFAULT_TRUST_DOMAIN
+    xds_address: str = DEFAULT_XDS_ADDRESS
+    ca_address: str = ""
+    """Empty: the CA is served with xDS (XDS_ADDRESS)."""
+    cluster_id: str = "Kubernetes"
+    root_cert_configmap: str = "istio-ca-root-cert"
 
 
 def _infra(values: Mapping[str, str] | None, *, annotations: bool) -> dict[str, str]:
@@ -156,8 +171,15 @@ def render_deployment(gw: Gateway, params: Params, config: RenderConfig) -> dict
             "name": "SERVICE_ACCOUNT",
             "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}},
         },
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "WAYPOINT_NAME", "value": gw.name},
         {"name": "TRUST_DOMAIN", "value": config.trust_domain},
+        {"name": "CLUSTER_ID", "value": config.cluster_id},
+        {"name": "XDS_ADDRESS", "value": config.xds_address},
+        {"name": "CA_ADDRESS", "value": config.ca_address or config.xds_address},
+        {"name": "XDS_ROOT_CA", "value": f"{ROOT_CERT_DIR}/root-cert.pem"},
+        {"name": "CA_ROOT_CA", "value": f"{ROOT_CERT_DIR}/root-cert.pem"},
+        {"name": "ISTIO_TOKEN_PATH", "value": f"{TOKEN_DIR}/istio-token"},
         {"name": "CLUSTER_DOMAIN", "value": config.cluster_domain},
         {"name": "WAYPOINT_DRAIN_SECONDS", "value": str(drain_seconds)},
     ]
@@ -201,7 +223,11 @@ def render_deployment(gw: Gateway, params: Params, config: RenderConfig) -> dict
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "istio-token", "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": "istio-ca-root-cert", "mountPath": ROOT_CERT_DIR, "readOnly": True},
+        ],
     }
     spec: dict[str, Any] = {}
     if not params.autoscaling:
@@ -231,7 +257,28 @@ def render_deployment(gw: Gateway, params: Params, config: RenderConfig) -> dict
                         for key in ("topology.kubernetes.io/zone", "kubernetes.io/hostname")
                     ],
                     "containers": [container],
-                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                    "volumes": [
+                        {"name": "tmp", "emptyDir": {}},
+                        # Pod-bound token for xDS and the CA; kubelet rotates it.
+                        {
+                            "name": "istio-token",
+                            "projected": {
+                                "sources": [
+                                    {
+                                        "serviceAccountToken": {
+                                            "path": "istio-token",
+                                            "audience": CA_AUDIENCE,
+                                            "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
+                                        }
+                                    }
+                                ]
+                            },
+                        },
+                        {
+                            "name": "istio-ca-root-cert",
+                            "configMap": {"name": config.root_cert_configmap},
+                        },
+                    ],
                 },
             },
         }

@@ -1,10 +1,17 @@
 """The `waypoint proxy` process: identity, configuration sources, listeners, drain.
 
-Owns process wiring: the waypoint's SPIFFE certificate (from the local CA directory, rotated by
-`CertificateManager`), the workload store and the L7 configuration, both from the local config file
-the waypoint shares with ztunnel (``workloads``/``services``/``policies`` for the store,
-``httpRoutes``/``grpcRoutes``/``authorizationPolicies`` for L7) and optionally from Kubernetes
-(HTTPRoute, GRPCRoute, AuthorizationPolicy through the manager's `KubeApi`); the HBONE server on
+Owns process wiring in two modes:
+
+* local (lab, tests): the SPIFFE certificate from the local CA directory, the workload store and
+  the L7 configuration from the local config file the waypoint shares with ztunnel
+  (``workloads``/``services``/``policies`` for the store, ``httpRoutes``/``grpcRoutes``/
+  ``authorizationPolicies`` for L7), optionally plus Kubernetes for L7;
+* cluster (``AppOptions.cluster``, a pod of the manager's Deployment): the certificate from the
+  Istio CA with the pod's own token (``xdsview.ca_client``), the workload store over delta xDS from
+  the control plane (``xdsview.XdsView``), L7 configuration from Kubernetes (HTTPRoute, GRPCRoute,
+  AuthorizationPolicy through the manager's `KubeApi`, ``kubesource``); ready once xDS synced.
+
+Both rotate the certificate with `CertificateManager` and run the HBONE server on
 15008, metrics on 15020 and readiness on 15021; reloads (the file is polled; a bad store part keeps
 the previous store, a bad route or policy is rejected and reported while the rest is applied); and
 the drain on SIGTERM (GOAWAY, in-flight requests finish until the deadline).
@@ -37,8 +44,9 @@ from waypoint.proxy.config import (
 from waypoint.proxy.server import ProxySettings, WaypointProxy
 from waypoint.proxy.telemetry import Telemetry
 from waypoint.proxy.upstream import UpstreamPool
+from waypoint.proxy.xdsview import ClusterSettings, XdsView, ca_client
 from ztunnel.config import INBOUND_HBONE_PORT, METRICS_PORT, READINESS_PORT
-from ztunnel.identity.ca import LocalCa, LocalCaClient
+from ztunnel.identity.ca import CaClient, LocalCa, LocalCaClient
 from ztunnel.identity.manager import CertificateManager
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.identity.tls import client_context, server_context
@@ -201,9 +209,7 @@ class ConfigFileWatcher:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AppOptions:
-    config: Path
     identity: SpiffeId
-    ca_dir: Path
     gateway_name: str
     gateway_namespace: str
     listen: str = "0.0.0.0"
@@ -216,6 +222,21 @@ class AppOptions:
     reload_interval: float = 1.0
     cluster_domain: str = "cluster.local"
     upstream_hbone_port: int = INBOUND_HBONE_PORT
+    config: Path | None = None
+    """Local mode: the shared config file (store + L7)."""
+    ca_dir: Path | None = None
+    """Local mode: the CA directory (LocalCa.save)."""
+    cluster: ClusterSettings | None = None
+    """Cluster mode: xDS + Istio CA + Kubernetes L7 (then no config file and no CA directory)."""
+
+    def __post_init__(self) -> None:
+        if self.cluster is None and (self.config is None or self.ca_dir is None):
+            raise ValueError("local mode needs both a config file and a CA directory")
+        if self.cluster is not None and (self.config is not None or self.ca_dir is not None):
+            raise ValueError(
+                "cluster mode takes its workloads from xDS and its certificate from the CA: "
+                "no config file or CA directory"
+            )
 
 
 class WaypointApp:
@@ -230,6 +251,9 @@ class WaypointApp:
         self.hbone: HboneServer | None = None
         self.proxy: WaypointProxy | None = None
         self.watcher: ConfigFileWatcher | None = None
+        self.xds: XdsView | None = None
+        self.kube_source: Any = None
+        self._ca_client: CaClient | None = None
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._kube_api: Any = None
@@ -241,8 +265,12 @@ class WaypointApp:
             self.readiness.register(task)
         await self._serve_http(o.readiness_port, self.readiness.routes())
         await self._serve_http(o.metrics_port, self.telemetry.routes())
-        ca = LocalCa.load(o.ca_dir)
-        self.certs = CertificateManager(LocalCaClient(ca))
+        if o.cluster is not None:
+            self._ca_client = ca_client(o.cluster)
+        else:
+            assert o.ca_dir is not None  # AppOptions checked it
+            self._ca_client = LocalCaClient(LocalCa.load(o.ca_dir))
+        self.certs = CertificateManager(self._ca_client)
         cert = await self.certs.get(o.identity)
         self.readiness.done("certificate")
         certs = self.certs
@@ -265,12 +293,20 @@ class WaypointApp:
             ),
         )
         sources = L7Sources(self.proxy, self.telemetry)
-        self.watcher = ConfigFileWatcher(o.config, self.store, sources, interval=o.reload_interval)
-        self.watcher.load()
-        self._tasks.append(asyncio.ensure_future(self.watcher.run()))
-        if o.kube:
+        if o.config is not None:
+            self.watcher = ConfigFileWatcher(
+                o.config, self.store, sources, interval=o.reload_interval
+            )
+            self.watcher.load()
+            self._tasks.append(asyncio.ensure_future(self.watcher.run()))
+        if o.kube or o.cluster is not None:
             await self._start_kube(sources)
-        self.readiness.done("config")
+        if o.cluster is not None:
+            self.xds = XdsView(o.cluster, self.store)
+            self.xds.start()
+            self._tasks.append(asyncio.ensure_future(self._config_ready(self.xds)))
+        else:
+            self.readiness.done("config")
         self.hbone = HboneServer(
             ssl_context=lambda: server_context(current()),
             trust_domain=o.identity.trust_domain,
@@ -287,13 +323,26 @@ class WaypointApp:
             o.identity,
         )
 
+    async def _config_ready(self, xds: XdsView) -> None:
+        # Not ready (15021) until the first push of every type: before that, no Service is known.
+        await xds.ready.wait()
+        log.info("xDS synced: %d workloads, %d services", *self._store_size())
+        self.readiness.done("config")
+
+    def _store_size(self) -> tuple[int, int]:
+        return len(list(self.store.workloads())), len(list(self.store.services()))
+
     async def _start_kube(self, sources: L7Sources) -> None:
         from waypoint.manager.client import connect
         from waypoint.proxy.kubesource import KubeL7Source
 
-        self._kube_api = await connect(self.options.kubeconfig)
+        kubeconfig = self.options.kubeconfig
+        if kubeconfig is None and self.options.cluster is not None:
+            kubeconfig = self.options.cluster.kubeconfig
+        self._kube_api = await connect(kubeconfig)
         source = KubeL7Source(self._kube_api, lambda objs: sources.update("kubernetes", objs))
         await source.initial()
+        self.kube_source = source
         self._tasks.append(asyncio.ensure_future(source.run()))
 
     async def _serve_http(self, port: int, routes: list[web.RouteDef]) -> None:
@@ -324,8 +373,14 @@ class WaypointApp:
         if self.proxy is not None:
             await self.proxy.close()
             await self.proxy.upstream.close()
+        if self.xds is not None:
+            await self.xds.close()
         if self.certs is not None:
             await self.certs.close()
+        close_ca = getattr(self._ca_client, "close", None)
+        if close_ca is not None:
+            with contextlib.suppress(Exception):
+                await close_ca()
         if self._kube_api is not None:
             await self._kube_api.close()
         for runner in self._runners:

@@ -4,7 +4,8 @@ Owns the list-then-watch loop over the manager's `KubeApi` seam (the same client
 the objects of the three kinds are kept by ``namespace/name``; every change hands the full set
 (as the raw object lists the local file also yields) to a callback, which validates and applies it
 (a bad object is rejected and reported there, the rest works). A 410 Gone relists; other errors
-back off and retry.
+back off and retry, then relist (events missed meanwhile are not lost). A callback that raises is
+logged and does not stop the watches. `relists` and `errors` count what happened (tests, metrics).
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class KubeL7Source:
         self.retry_delay = retry_delay
         self.objects: dict[str, dict[str, dict[str, Any]]] = {key: {} for key in KINDS}
         self._versions: dict[str, str] = {}
+        self.relists = 0
+        self.errors = 0
+        self.changes = 0
 
     def snapshot(self) -> dict[str, list[Any]]:
         return {key: list(objs.values()) for key, objs in self.objects.items()}
@@ -68,11 +72,18 @@ class KubeL7Source:
         self.objects[key] = {_key(o): o for o in items}
         self._versions[key] = version
 
+    def _publish(self) -> None:
+        self.changes += 1
+        try:
+            self.on_change(self.snapshot())
+        except Exception:  # the watches must outlive a bug in one consumer
+            log.exception("applying the Kubernetes L7 configuration failed")
+
     async def initial(self) -> None:
         """List every kind once and publish (start-up waits for this)."""
         for key in KINDS:
             await self._list(key)
-        self.on_change(self.snapshot())
+        self._publish()
 
     async def _watch(self, key: str) -> None:
         while True:
@@ -89,19 +100,27 @@ class KubeL7Source:
                         self.objects[key].pop(name, None)
                     else:
                         self.objects[key][name] = dict(event.obj)
-                    self.on_change(self.snapshot())
+                    self._publish()
             except Gone:
-                await self._list(key)
-                self.on_change(self.snapshot())
+                log.info("watch of %s expired (410 Gone); relisting", KINDS[key].kind)
+                await self._relist(key)
                 continue
-            except (KubeError, OSError) as err:
+            except (KubeError, OSError, ValueError) as err:
+                self.errors += 1
                 log.warning("watch of %s failed: %s; retrying", KINDS[key].kind, err)
                 await asyncio.sleep(self.retry_delay)
-                try:
-                    await self._list(key)
-                    self.on_change(self.snapshot())
-                except (KubeError, OSError) as list_err:
-                    log.warning("relist of %s failed: %s", KINDS[key].kind, list_err)
+                await self._relist(key)
+
+    async def _relist(self, key: str) -> None:
+        try:
+            await self._list(key)
+        except (KubeError, OSError, ValueError) as err:
+            self.errors += 1
+            log.warning("relist of %s failed: %s", KINDS[key].kind, err)
+            await asyncio.sleep(self.retry_delay)
+            return
+        self.relists += 1
+        self._publish()
 
     async def run(self) -> None:
         """Watch all kinds until cancelled."""

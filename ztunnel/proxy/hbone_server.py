@@ -31,6 +31,7 @@ from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.identity.tls import verify_client_identity
 from ztunnel.proxy.copy import CopyResult, splice_socket_hbone, splice_streams_hbone
 from ztunnel.proxy.h2io import HboneProtocol, HboneStream
+from ztunnel.proxy.socket_factory import configure_stream, tcp_socket
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class HboneServer:
         """Start accepting on ``sock`` (already listening) or on a new socket bound to host:port."""
         if sock is None:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = tcp_socket(family)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
             sock.listen(1024)
@@ -196,6 +197,9 @@ class HboneServer:
                 log.warning("HBONE accept failed: %s", err)
                 await asyncio.sleep(0.05)
                 continue
+            # NODELAY: without it the 200 and the first bytes wait for the peer's delayed ACK
+            # (~40 ms). asyncio would only set it for a listener made with proto=IPPROTO_TCP.
+            configure_stream(conn)
             task = loop.create_task(self._handshake(conn), name="hbone-handshake")
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)

@@ -34,6 +34,8 @@ from ztunnel.state.model import IPAddress, Workload
 
 log = logging.getLogger(__name__)
 
+LABEL_CACHE_SIZE = 256
+
 
 @dataclass(eq=False, kw_only=True)
 class _Tunnel:
@@ -70,13 +72,24 @@ class InboundHbone:
 
     def __init__(self, ctx: ProxyContext, workload: Workload, factory: SocketFactory) -> None:
         self.ctx = ctx
-        self.workload = workload
+        self.workload = workload  # the app replaces it when the workload changes
         self.factory = factory
         # Keyed by the tunnel's handle: the request carries it, and so do the closing stats.
         self._tunnels: dict[TunnelHandle, _Tunnel] = {}
+        # Per-connection values that only change with the workloads involved (rebuilt on change).
+        self._cached_for: Workload | None = None
+        self._identity_str = ""
+        self._label_cache: dict[tuple[int, SpiffeId | None], tuple[object, TrafficLabels]] = {}
+
+    def _refresh(self) -> None:
+        if self._cached_for is not self.workload:
+            self._cached_for = self.workload
+            self._identity_str = str(self.workload.identity())
+            self._label_cache.clear()
 
     async def on_connect(self, request: TunnelRequest) -> Accept | Reject:
         ctx = self.ctx
+        self._refresh()
         peer_ip = ip_of(request.peer_address)
         local_ip = ip_of(request.local_address)
         peer_identity = request.peer_identity
@@ -95,7 +108,7 @@ class InboundHbone:
                 dst_hbone_addr=str(request.authority),
                 dst_workload=self.workload.name,
                 dst_namespace=self.workload.namespace,
-                dst_identity=str(self.workload.identity()),
+                dst_identity=self._identity_str,
             ),
         )
         self._tunnels[request.tunnel] = tunnel
@@ -182,7 +195,13 @@ class InboundHbone:
         ctx.finish(labels=tunnel.labels, entry=entry, opened=tunnel.counted_open, flags=flags)
 
     def _labels(self, source: Workload | None, peer: SpiffeId | None) -> TrafficLabels:
-        return traffic_labels(
+        # Cached per (source workload object, peer identity): the object is kept and compared
+        # with ``is``, so a replaced workload (new object) gets fresh labels.
+        key = (id(source), peer)
+        hit = self._label_cache.get(key)
+        if hit is not None and hit[0] is source:
+            return hit[1]
+        labels = traffic_labels(
             reporter=Reporter.DESTINATION,
             source=source,
             source_identity=peer,
@@ -191,6 +210,10 @@ class InboundHbone:
             service=None,
             mtls=True,
         )
+        if len(self._label_cache) >= LABEL_CACHE_SIZE:
+            self._label_cache.clear()  # sources come and go: keep it bounded
+        self._label_cache[key] = (source, labels)
+        return labels
 
 
 async def dial_spoofed(
@@ -201,9 +224,8 @@ async def dial_spoofed(
     spoof = client_ip != target.ip and client_ip.version == target.ip.version
     sock = factory.upstream(family_of(target.ip), source=client_ip if spoof else None, spoof=spoof)
     try:
-        await asyncio.wait_for(
-            asyncio.get_running_loop().sock_connect(sock, target.sockaddr()), ctx.connect_timeout
-        )
+        async with asyncio.timeout(ctx.connect_timeout):  # no extra Task, unlike wait_for
+            await asyncio.get_running_loop().sock_connect(sock, target.sockaddr())
     except TimeoutError as err:
         sock.close()
         raise OSError(f"timed out after {ctx.connect_timeout}s") from err

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from ztunnel.accesslog import AccessEntry
 from ztunnel.identity.manager import CertificateUnavailable
@@ -114,13 +115,39 @@ class Listener:
             await asyncio.wait(tasks, timeout=2.0)
 
 
+@dataclass(frozen=True, slots=True)
+class _Own:
+    """Values derived from the proxy's workload: built once per workload object, not per connection."""
+
+    workload: Workload
+    identity: SpiffeId
+    identity_str: str
+    baggage: str
+
+
+LABEL_CACHE_SIZE = 256
+
+
 class Outbound:
     """Outbound handling for one local workload (the capture listener and SOCKS5 use it)."""
 
     def __init__(self, ctx: ProxyContext, workload: Workload, factory: SocketFactory) -> None:
         self.ctx = ctx
-        self.workload = workload
+        self.workload = workload  # the app replaces it when the workload changes
         self.factory = factory
+        self._own_cache: _Own | None = None
+        # (id(destination), id(service), mtls) -> (destination, service, labels); the objects are
+        # kept so an id is never reused while cached, and compared with ``is`` on a hit.
+        self._label_cache: dict[tuple[int, int, bool], tuple[object, object, TrafficLabels]] = {}
+
+    def _own(self) -> _Own:
+        own = self._own_cache
+        w = self.workload
+        if own is None or own.workload is not w:
+            identity = w.identity()
+            own = self._own_cache = _Own(w, identity, str(identity), _baggage(w))
+            self._label_cache.clear()
+        return own
 
     async def handle_captured(self, client: socket.socket) -> None:
         """15001: the original destination comes from the socket (SO_ORIGINAL_DST / local addr)."""
@@ -144,7 +171,7 @@ class Outbound:
             src_addr=str(src),
             src_workload=source.name,
             src_namespace=source.namespace,
-            src_identity=str(source.identity()),
+            src_identity=self._own().identity_str,
             dst_addr=str(dst),
         )
 
@@ -175,7 +202,7 @@ class Outbound:
             await refuse(decision.reason, None, ResponseFlags.NONE)
             return
         if isinstance(decision, NoHealthyUpstream):
-            labels = self._labels(None, None, decision.service, mtls=False)
+            labels = self._labels(None, decision.service, mtls=False)
             await refuse(f"no healthy upstream: {decision.reason}", labels, ResponseFlags.CONNECT)
             return
         if isinstance(decision, Passthrough):
@@ -198,7 +225,7 @@ class Outbound:
         ctx = self.ctx
         target = Endpoint(decision.addr.ip, decision.addr.port)
         labels = self._labels(
-            decision.destination_workload, None, decision.destination_service, mtls=False
+            decision.destination_workload, decision.destination_service, mtls=False
         )
         try:
             upstream = await self._dial(target)
@@ -241,10 +268,8 @@ class Outbound:
         family = family_of(target.ip)
         sock = self.factory.upstream(family, source=self._source_ip(target.ip))
         try:
-            await asyncio.wait_for(
-                asyncio.get_running_loop().sock_connect(sock, target.sockaddr()),
-                self.ctx.connect_timeout,
-            )
+            async with asyncio.timeout(self.ctx.connect_timeout):  # no extra Task, unlike wait_for
+                await asyncio.get_running_loop().sock_connect(sock, target.sockaddr())
         except BaseException:
             sock.close()
             raise
@@ -271,15 +296,11 @@ class Outbound:
         refuse: Callable[[str, TrafficLabels | None, ResponseFlags], Awaitable[None]],
     ) -> None:
         ctx = self.ctx
+        own = self._own()
         expected = _identities(decision.expected_identities)
         dest = decision.destination_workload
         target = decision.target_workload
-        labels = self._labels(
-            target or dest,
-            (target or dest).identity(),
-            decision.destination_service,
-            mtls=True,
-        )
+        labels = self._labels(target or dest, decision.destination_service, mtls=True)
         base = replace(
             entry_base,
             dst_addr=str(decision.connect_addr),
@@ -287,12 +308,11 @@ class Outbound:
             dst_service=_svc(decision.destination_service),
             dst_workload=_name(target or dest),
             dst_namespace=_ns(target or dest),
-            dst_identity=str((target or dest).identity()),
+            dst_identity=labels.destination_principal,
         )
-        identity = self.workload.identity()
         key = PoolKey(
-            src_identity=identity,
-            dst_identities=frozenset(expected),
+            src_identity=own.identity,
+            dst_identities=expected,
             src_ip=self._source_ip(decision.connect_addr.ip) or _first(self.workload.addresses),
             dst_ip=decision.connect_addr.ip,
             dst_port=decision.connect_addr.port,
@@ -309,9 +329,8 @@ class Outbound:
             ),
             ("traceparent", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"),
         ]
-        baggage = _baggage(self.workload)
-        if baggage:
-            headers.append(("baggage", baggage))
+        if own.baggage:
+            headers.append(("baggage", own.baggage))
         stream: HboneStream | None = None
         try:
             stream = await ctx.pool.connect(key, str(decision.authority), headers)
@@ -407,22 +426,28 @@ class Outbound:
     # -- telemetry -----------------------------------------------------------------------------
 
     def _labels(
-        self,
-        destination: Workload | None,
-        destination_identity: SpiffeId | None,
-        service: object,
-        *,
-        mtls: bool,
+        self, destination: Workload | None, service: object, *, mtls: bool
     ) -> TrafficLabels:
-        return traffic_labels(
+        """Labels for this workload to ``destination`` (whose identity is the principal with mTLS).
+        Cached: the same few pairs recur on every connection."""
+        own = self._own()
+        key = (id(destination), id(service), mtls)
+        hit = self._label_cache.get(key)
+        if hit is not None and hit[0] is destination and hit[1] is service:
+            return hit[2]
+        labels = traffic_labels(
             reporter=Reporter.SOURCE,
-            source=self.workload,
-            source_identity=self.workload.identity() if mtls else None,
+            source=own.workload,
+            source_identity=own.identity if mtls else None,
             destination=destination,
-            destination_identity=destination_identity,
+            destination_identity=destination.identity() if mtls and destination else None,
             service=service if isinstance(service, Service) else None,
             mtls=mtls,
         )
+        if len(self._label_cache) >= LABEL_CACHE_SIZE:
+            self._label_cache.clear()  # destinations come and go with config: keep it bounded
+        self._label_cache[key] = (destination, service, labels)
+        return labels
 
     def _record(self, labels: TrafficLabels, entry: AccessEntry, flags: ResponseFlags) -> None:
         self.ctx.finish(labels=labels, entry=entry, opened=True, flags=flags)
@@ -446,12 +471,14 @@ def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def _identities(uris: tuple[str, ...]) -> list[SpiffeId]:
+@functools.lru_cache(maxsize=1024)
+def _identities(uris: tuple[str, ...]) -> frozenset[SpiffeId]:
+    """The parseable SPIFFE IDs of ``uris`` (cached: the same few sets recur per connection)."""
     out: list[SpiffeId] = []
     for uri in uris:
         with contextlib.suppress(SpiffeIdError):
             out.append(SpiffeId.parse(uri))
-    return out
+    return frozenset(out)
 
 
 def _baggage(w: Workload) -> str:

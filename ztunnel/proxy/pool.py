@@ -34,6 +34,7 @@ from ztunnel.proxy.h2io import (
     StreamRefusedError,
     TunnelError,
 )
+from ztunnel.proxy.socket_factory import configure_stream, tcp_socket
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -75,11 +76,13 @@ ClientContext = Callable[[SpiffeId], ssl.SSLContext | Awaitable[ssl.SSLContext]]
 
 
 async def tcp_connector(key: PoolKey) -> socket.socket:
-    """Default connector: a plain non-blocking TCP connection to the key's destination."""
+    """Default connector: a plain non-blocking TCP connection (NODELAY, keepalive) to the key's
+    destination."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if key.dst_ip.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = tcp_socket(family)
     sock.setblocking(False)
+    configure_stream(sock)
     try:
         await loop.sock_connect(sock, (str(key.dst_ip), key.dst_port))
     except BaseException:
@@ -208,9 +211,14 @@ class HbonePool:
         loop = asyncio.get_running_loop()
         # The context first: no socket is held open while a certificate is being fetched.
         ctx = self._client_context(key.src_identity)
+        # asyncio.timeout, not wait_for: wait_for wraps the awaitable in an extra Task per dial.
         if inspect.isawaitable(ctx):
-            ctx = await asyncio.wait_for(ctx, self._connect_timeout)
-        sock = await asyncio.wait_for(self._connector(key), self._connect_timeout)
+            async with asyncio.timeout(self._connect_timeout):
+                ctx = await ctx
+        async with asyncio.timeout(self._connect_timeout):
+            sock = await self._connector(key)
+        # Whatever socket the connector made: small writes must not wait for Nagle.
+        configure_stream(sock)
         conn = HboneClientConnection(now=loop.time(), settings=self._settings, limits=self._limits)
         expected = key.dst_identities
         proto = HboneProtocol(conn, loop, verify=lambda obj: verify_server_identity(obj, expected))

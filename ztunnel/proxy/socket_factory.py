@@ -12,7 +12,12 @@ Owns the pod-netns socket contract of Istio's ztunnel (ztunnel.md section 2):
   client's IP as source (inbound spoofing: bind to the client IP, port 0);
 * TCP keepalive (180 s / 180 s / 9) and ``TCP_NODELAY`` on accepted and outgoing sockets;
 * the original destination of a captured connection: ``SO_ORIGINAL_DST`` (v4, then v6) after a NAT
-  REDIRECT, else the local address (TPROXY, or a listener bound on the destination itself).
+  REDIRECT, else the local address (TPROXY, or a listener bound on the destination itself);
+* in a pod netns, a few spare upstream sockets per address family made ahead of time by the helper
+  thread, so a dial only binds on the loop thread instead of waiting for a thread hop.
+
+Every socket is created with ``proto=IPPROTO_TCP`` (``tcp_socket``): asyncio only sets TCP_NODELAY
+on transports whose socket says so, and ``accept`` copies the listener's proto to accepted sockets.
 
 Sockets are returned non-blocking, ready for ``asyncio`` (``loop.sock_connect``, ``start_server``).
 """
@@ -28,6 +33,7 @@ import os
 import socket
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -48,6 +54,8 @@ KEEPALIVE_TIME = 180
 KEEPALIVE_INTERVAL = 180
 KEEPALIVE_PROBES = 9
 LISTEN_BACKLOG = 128
+SPARE_UPSTREAM_SOCKETS = 3
+"""Per address family, how many upstream sockets a NetnsSocketFactory keeps made in advance."""
 
 
 class SocketSetupError(OSError):
@@ -83,6 +91,15 @@ class SocketFactory(Protocol):
         ``spoof`` asks for IP_TRANSPARENT + IP_FREEBIND so ``source`` may be a foreign address.
         """
         ...
+
+
+def tcp_socket(family: socket.AddressFamily) -> socket.socket:
+    """A TCP socket whose ``proto`` is IPPROTO_TCP (not 0).
+
+    Why: asyncio's transports set TCP_NODELAY only when ``sock.proto == IPPROTO_TCP``, and an accepted
+    socket inherits its listener's proto; with proto 0 small HTTP/2 writes wait for Nagle + delayed
+    ACK (~40 ms)."""
+    return socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
 
 
 def configure_stream(sock: socket.socket) -> None:
@@ -124,7 +141,7 @@ class DefaultSocketFactory:
     # -- creation (runs in the target netns) -------------------------------------------------
 
     def _make_listener(self, addr: Endpoint, backlog: int) -> socket.socket:
-        sock = socket.socket(family_of(addr.ip), socket.SOCK_STREAM)
+        sock = tcp_socket(family_of(addr.ip))
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -146,24 +163,44 @@ class DefaultSocketFactory:
     def _make_upstream(
         self, family: socket.AddressFamily, source: IPAddress | None, spoof: bool
     ) -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = self._make_unbound(family)
+        try:
+            self._bind_source(sock, family, source, spoof)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _make_unbound(self, family: socket.AddressFamily) -> socket.socket:
+        """A non-blocking upstream socket with NODELAY, keepalive and the mark; not bound yet."""
+        sock = tcp_socket(family)
         try:
             configure_stream(sock)
             self._apply_mark(sock, "upstream socket")
-            if source is not None:
-                if spoof:
-                    self._set_transparent(sock, family)
-                try:
-                    sock.bind((str(source), 0))
-                except OSError as err:
-                    raise SocketSetupError(
-                        err.errno, f"cannot bind upstream socket to source {source}: {err}"
-                    ) from None
             sock.setblocking(False)
         except BaseException:
             sock.close()
             raise
         return sock
+
+    def _bind_source(
+        self,
+        sock: socket.socket,
+        family: socket.AddressFamily,
+        source: IPAddress | None,
+        spoof: bool,
+    ) -> None:
+        # setsockopt and bind act on the socket's own netns: safe from any thread.
+        if source is None:
+            return
+        if spoof:
+            self._set_transparent(sock, family)
+        try:
+            sock.bind((str(source), 0))
+        except OSError as err:
+            raise SocketSetupError(
+                err.errno, f"cannot bind upstream socket to source {source}: {err}"
+            ) from None
 
     def _apply_mark(self, sock: socket.socket, what: str) -> None:
         if self.mark is None:
@@ -196,13 +233,27 @@ class NetnsSocketFactory(DefaultSocketFactory):
     A single helper thread enters the namespace once (``setns(CLONE_NEWNET)``) and creates every socket
     of this factory; the event loop's thread never changes namespace. Call ``close()`` when the pod
     goes away.
+
+    ``upstream`` is on the dial path of every inbound tunnel, and a hop to the helper thread blocks
+    the caller (measured p90 2 ms, max 9.5 ms under load). So the factory keeps ``spare`` sockets per
+    address family made in advance by the helper thread (NODELAY, keepalive, mark set, not bound);
+    ``upstream`` takes one, binds it on the calling thread (bind and setsockopt act on the socket's own
+    netns) and asks the helper for a replacement. When none is left it falls back to the blocking hop.
     """
 
     def __init__(
-        self, netns_path: str, *, mark: int | None = None, transparent_required: bool = True
+        self,
+        netns_path: str,
+        *,
+        mark: int | None = None,
+        transparent_required: bool = True,
+        spare: int = SPARE_UPSTREAM_SOCKETS,
     ) -> None:
         super().__init__(mark=mark, transparent_required=transparent_required)
+        if spare < 0:
+            raise ValueError(f"NetnsSocketFactory spare must be >= 0, got {spare}")
         self.netns_path = netns_path
+        self.spare = spare
         self._entered = threading.Event()
         self._enter_error: BaseException | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -210,6 +261,12 @@ class NetnsSocketFactory(DefaultSocketFactory):
             thread_name_prefix=f"netns:{os.path.basename(netns_path)}",
             initializer=self._enter,
         )
+        # Spare sockets are added by the helper thread and taken by callers: guarded by _lock.
+        self._lock = threading.Lock()
+        self._spares: dict[socket.AddressFamily, deque[socket.socket]] = {}
+        self._refilling: dict[socket.AddressFamily, int] = {}
+        self._broken: set[socket.AddressFamily] = set()  # creation failed: no more refills
+        self._closed = False
 
     def _enter(self) -> None:
         try:
@@ -231,15 +288,92 @@ class NetnsSocketFactory(DefaultSocketFactory):
             os.close(fd)
 
     def _run(self, make: Callable[[], _T]) -> _T:
-        def in_netns() -> _T:
-            if self._enter_error is not None:
-                raise self._enter_error
-            return make()
-
         # Socket creation is quick; blocking the caller for it keeps the API synchronous.
-        return self._executor.submit(in_netns).result(timeout=10)
+        return self._executor.submit(self._in_netns, make).result(timeout=10)
+
+    def _in_netns(self, make: Callable[[], _T]) -> _T:
+        if self._enter_error is not None:
+            raise self._enter_error
+        return make()
+
+    # -- spare upstream sockets ----------------------------------------------------------------
+
+    def listener(self, addr: Endpoint, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
+        sock = super().listener(addr, backlog=backlog)
+        # A pod that listens is about to serve: have its first dials find a socket ready.
+        self._refill(socket.AF_INET)
+        if addr.ip.version == 6:
+            self._refill(socket.AF_INET6)
+        return sock
+
+    def upstream(
+        self, family: socket.AddressFamily, *, source: IPAddress | None = None, spoof: bool = False
+    ) -> socket.socket:
+        sock = self._take(family)
+        if sock is None:
+            sock = self._run(lambda: self._make_upstream(family, source, spoof))
+            with self._lock:
+                self._broken.discard(family)  # creation works (again): spares may too
+            self._refill(family)
+            return sock
+        self._refill(family)
+        try:
+            self._bind_source(sock, family, source, spoof)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def spare_count(self, family: socket.AddressFamily) -> int:
+        """Sockets ready to be taken for ``family`` (for tests and the admin dump)."""
+        with self._lock:
+            return len(self._spares.get(family, ()))
+
+    def _take(self, family: socket.AddressFamily) -> socket.socket | None:
+        with self._lock:
+            spares = self._spares.get(family)
+            return spares.popleft() if spares else None
+
+    def _refill(self, family: socket.AddressFamily) -> None:
+        """Ask the helper thread for sockets until ``spare`` are ready or on their way."""
+        with self._lock:
+            if self._closed or family in self._broken:
+                return
+            missing = (
+                self.spare - len(self._spares.get(family, ())) - self._refilling.get(family, 0)
+            )
+            if missing <= 0:
+                return
+            self._refilling[family] = self._refilling.get(family, 0) + missing
+        for _ in range(missing):
+            try:
+                fut = self._executor.submit(self._in_netns, lambda: self._make_unbound(family))
+            except RuntimeError:  # executor shut down by close() meanwhile
+                return
+            fut.add_done_callback(lambda f: self._add_spare(family, f))
+
+    def _add_spare(
+        self, family: socket.AddressFamily, fut: concurrent.futures.Future[socket.socket]
+    ) -> None:
+        # Runs on the helper thread (or at once, for a cancelled future).
+        sock = None if fut.cancelled() or fut.exception() is not None else fut.result()
+        with self._lock:
+            self._refilling[family] -= 1
+            if sock is None:
+                self._broken.add(family)  # the blocking path reports the error to callers
+                return
+            if not self._closed:
+                self._spares.setdefault(family, deque()).append(sock)
+                return
+        sock.close()
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            spares = [s for q in self._spares.values() for s in q]
+            self._spares.clear()
+        for sock in spares:
+            sock.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

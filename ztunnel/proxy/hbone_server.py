@@ -156,6 +156,8 @@ class HboneServer:
         self._settings = settings
         self._limits = limits
         self._listen: socket.socket | None = None
+        # Remembered at start: the listening socket is closed by drain/close, the address is not.
+        self._bound: tuple[str, int] | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._protocols: set[HboneProtocol] = set()
         self._tasks: dict[tuple[HboneProtocol, int], asyncio.Task[None]] = {}
@@ -168,9 +170,9 @@ class HboneServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self._listen is not None, "server not started"
-        host, port = self._listen.getsockname()[:2]
-        return host, port
+        """Where the server listens (or listened, after drain/close)."""
+        assert self._bound is not None, "server not started"
+        return self._bound
 
     async def start(
         self, sock: socket.socket | None = None, *, host: str = "127.0.0.1", port: int = 0
@@ -184,6 +186,8 @@ class HboneServer:
             sock.listen(1024)
         sock.setblocking(False)
         self._listen = sock
+        host_port = sock.getsockname()[:2]
+        self._bound = (host_port[0], host_port[1])
         self._accept_task = asyncio.get_running_loop().create_task(
             self._accept_loop(sock), name="hbone-accept"
         )

@@ -173,3 +173,22 @@ async def test_pool_accepts_an_async_client_context_provider():
             assert fetched == [CLIENT_ID]  # one connection, one fetch
         finally:
             await pool.close()
+
+
+async def test_address_is_still_known_after_close() -> None:
+    # Callers log or report the listener's address after a drain; the socket is closed by then.
+    import ssl
+
+    from ztunnel.proxy.hbone_server import HboneServer
+
+    async def on_connect(request):  # never called
+        raise AssertionError
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server = HboneServer(
+        ssl_context=lambda: context, trust_domain="cluster.local", on_connect=on_connect
+    )
+    await server.start(host="127.0.0.1", port=0)
+    before = server.address
+    await server.drain(timeout=0.1)
+    assert server.address == before

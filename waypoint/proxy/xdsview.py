@@ -32,11 +32,11 @@ from ztunnel.config import DEFAULT_TRUST_DOMAIN
 from ztunnel.identity.istio_ca import IstioCaClient
 from ztunnel.identity.spiffe import SpiffeId, SpiffeIdError
 from ztunnel.kube.mode import (
-    DEFAULT_ROOT_CA,
     DEFAULT_TOKEN_PATH,
     Endpoint,
     KubeModeError,
-    parse_endpoint,
+    control_plane_endpoints,
+    env_headers,
 )
 from ztunnel.kube.pods import DEFAULT_CLUSTER_ID
 from ztunnel.sources.xds import XdsSource
@@ -96,26 +96,8 @@ class ClusterSettings:
         def get(name: str, default: str = "") -> str:
             return merged.get(name, default).strip()
 
-        xds_address = get("XDS_ADDRESS")
-        if not xds_address:
-            raise ClusterSettingsError(
-                "XDS_ADDRESS is not set (the control plane's https://host:port)"
-            )
         try:
-            xds = parse_endpoint(
-                xds_address,
-                "XDS_ADDRESS",
-                root=get("XDS_ROOT_CA", DEFAULT_ROOT_CA),
-                root_var="XDS_ROOT_CA",
-                server_name=get("ALT_XDS_HOSTNAME") or None,
-            )
-            ca = parse_endpoint(
-                get("CA_ADDRESS") or xds_address,
-                "CA_ADDRESS",
-                root=get("CA_ROOT_CA", DEFAULT_ROOT_CA),
-                root_var="CA_ROOT_CA",
-                server_name=get("ALT_CA_HOSTNAME") or None,
-            )
+            xds, ca = control_plane_endpoints(merged)
         except KubeModeError as err:
             raise ClusterSettingsError(str(err)) from None
         namespace, account = get("POD_NAMESPACE"), get("SERVICE_ACCOUNT")
@@ -146,17 +128,9 @@ class ClusterSettings:
             token_path=Path(token) if token else None,
             cluster_id=cluster_id,
             kubeconfig=get("KUBECONFIG") or None,
-            extra_xds_headers=_headers(merged, "XDS_HEADER_"),
-            extra_ca_headers=_headers(merged, "CA_HEADER_"),
+            extra_xds_headers=env_headers(merged, "XDS_HEADER_"),
+            extra_ca_headers=env_headers(merged, "CA_HEADER_"),
         )
-
-
-def _headers(env: Mapping[str, str], prefix: str) -> tuple[tuple[str, str], ...]:
-    return tuple(
-        (key.removeprefix(prefix).lower().replace("_", "-"), value)
-        for key, value in sorted(env.items())
-        if key.startswith(prefix) and key != prefix
-    )
 
 
 def ca_client(settings: ClusterSettings) -> IstioCaClient:

@@ -113,26 +113,10 @@ class KubeModeConfig:
         def get(name: str, default: str = "") -> str:
             return merged.get(name, default).strip()
 
-        xds_address = get("XDS_ADDRESS")
-        if not xds_address:
-            raise KubeModeError("XDS_ADDRESS is not set (the control plane's https://host:port)")
+        xds, ca = control_plane_endpoints(merged)
         node = get("NODE_NAME")
         if not node:
             raise KubeModeError("NODE_NAME is not set (this node's name; the DaemonSet sets it)")
-        xds = parse_endpoint(
-            xds_address,
-            "XDS_ADDRESS",
-            root=get("XDS_ROOT_CA", DEFAULT_ROOT_CA),
-            root_var="XDS_ROOT_CA",
-            server_name=get("ALT_XDS_HOSTNAME") or None,
-        )
-        ca = parse_endpoint(
-            get("CA_ADDRESS") or xds_address,
-            "CA_ADDRESS",
-            root=get("CA_ROOT_CA", DEFAULT_ROOT_CA),
-            root_var="CA_ROOT_CA",
-            server_name=get("ALT_CA_HOSTNAME") or None,
-        )
         cluster_id = get("CLUSTER_ID") or DEFAULT_CLUSTER_ID
         try:
             info = NodeInfo.from_env({**merged, "CLUSTER_ID": cluster_id, "NODE_NAME": node})
@@ -151,8 +135,8 @@ class KubeModeConfig:
             netns_dir=_optional_path(get("POD_NETNS_DIR", "/var/run/netns")),
             host_proc=_optional_path(get("HOST_PROC", "/proc")),
             netns_glob=get("POD_NETNS_GLOB") or "*",
-            extra_xds_headers=_headers(merged, "XDS_HEADER_"),
-            extra_ca_headers=_headers(merged, "CA_HEADER_"),
+            extra_xds_headers=env_headers(merged, "XDS_HEADER_"),
+            extra_ca_headers=env_headers(merged, "CA_HEADER_"),
         )
 
 
@@ -160,13 +144,40 @@ def _optional_path(value: str) -> Path | None:
     return Path(value) if value else None
 
 
-def _headers(env: Mapping[str, str], prefix: str) -> tuple[tuple[str, str], ...]:
+def env_headers(env: Mapping[str, str], prefix: str) -> tuple[tuple[str, str], ...]:
     # ztunnel's XDS_HEADER_<name> / CA_HEADER_<name>: extra gRPC metadata.
     return tuple(
         (key.removeprefix(prefix).lower().replace("_", "-"), value)
         for key, value in sorted(env.items())
         if key.startswith(prefix) and key != prefix
     )
+
+
+def control_plane_endpoints(env: Mapping[str, str]) -> tuple[Endpoint, Endpoint]:
+    """The xDS and CA endpoints from Istio's variables (XDS_ADDRESS, CA_ADDRESS defaulting to it,
+    XDS_ROOT_CA/CA_ROOT_CA, ALT_XDS_HOSTNAME/ALT_CA_HOSTNAME); shared by ztunnel and waypoints."""
+
+    def get(name: str, default: str = "") -> str:
+        return env.get(name, default).strip()
+
+    xds_address = get("XDS_ADDRESS")
+    if not xds_address:
+        raise KubeModeError("XDS_ADDRESS is not set (the control plane's https://host:port)")
+    xds = parse_endpoint(
+        xds_address,
+        "XDS_ADDRESS",
+        root=get("XDS_ROOT_CA", DEFAULT_ROOT_CA),
+        root_var="XDS_ROOT_CA",
+        server_name=get("ALT_XDS_HOSTNAME") or None,
+    )
+    ca = parse_endpoint(
+        get("CA_ADDRESS") or xds_address,
+        "CA_ADDRESS",
+        root=get("CA_ROOT_CA", DEFAULT_ROOT_CA),
+        root_var="CA_ROOT_CA",
+        server_name=get("ALT_CA_HOSTNAME") or None,
+    )
+    return xds, ca
 
 
 def parse_endpoint(

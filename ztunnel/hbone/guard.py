@@ -4,13 +4,16 @@ Owns the per-connection budgets against Rapid Reset (CVE-2023-44487), MadeYouRes
 CONTINUATION floods, control-frame floods while the peer does not read (CVE-2019-9512/9515), empty-frame,
 PRIORITY and WINDOW_UPDATE floods (a HAProxy-style glitch counter), stream caps (REFUSED_STREAM for the
 offending stream, never a connection error that would kill a pooled connection), a lifetime stream cap
-and the handshake / first-CONNECT / idle timeouts. The connection core (``connection.py``) feeds it
+and the handshake / first-CONNECT / idle timeouts; and, per listener, the global and per-source-identity
+connection caps (:class:`ListenerLimits`, :class:`ConnectionCaps`). The connection core (``connection.py``) feeds it
 facts and acts on a returned :class:`GuardTrip`; the asyncio shell enforces the handshake timeout.
 Pure: time is passed in, no I/O.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from ztunnel.hbone.errors import ErrorCodes
@@ -216,3 +219,81 @@ class Guard:
     @property
     def lifetime_exhausted(self) -> bool:
         return self.streams_opened >= self.limits.max_lifetime_streams
+
+
+# -- per listener ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenerLimits:
+    """Process-level caps of one HBONE listener (reliability.md §6 edge profile, 2 cores)."""
+
+    max_connections: int = 5_000
+    """Connections at once, TLS handshakes in progress included (a slowloris holds handshakes)."""
+    max_connections_per_identity: int = 500
+    """Established connections per client SPIFFE identity (one workload cannot take them all)."""
+    close_grace: float = 1.0
+    """After the core ended a connection (GOAWAY sent), how long the peer may take to read it
+    before the transport is aborted: a peer that never reads must not pin the socket."""
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError(
+                f"ListenerLimits.max_connections must be >= 1, got {self.max_connections}"
+            )
+        if self.max_connections_per_identity < 1:
+            raise ValueError(
+                "ListenerLimits.max_connections_per_identity must be >= 1, "
+                f"got {self.max_connections_per_identity}"
+            )
+        if self.close_grace < 0:
+            raise ValueError(f"ListenerLimits.close_grace must be >= 0, got {self.close_grace}")
+
+
+DEFAULT_LISTENER_LIMITS = ListenerLimits()
+
+
+class ConnectionCaps:
+    """Admission of connections to one listener: a global cap checked at accept (before TLS), a
+    per-identity cap checked once the peer's identity is verified (before any HTTP/2 byte).
+
+    Counters say how often each cap refused a connection (exported as metrics by the shell)."""
+
+    def __init__(self, limits: ListenerLimits = DEFAULT_LISTENER_LIMITS) -> None:
+        self.limits = limits
+        self.connections = 0
+        self._per_identity: Counter[Hashable] = Counter()
+        self.rejected_global = 0
+        self.rejected_identity = 0
+
+    def admit_connection(self) -> bool:
+        """A TCP connection was accepted: False means close it at once (global cap)."""
+        if self.connections >= self.limits.max_connections:
+            self.rejected_global += 1
+            return False
+        self.connections += 1
+        return True
+
+    def release_connection(self) -> None:
+        """A connection admitted by ``admit_connection`` ended (handshake failed or closed)."""
+        if self.connections > 0:
+            self.connections -= 1
+
+    def admit_identity(self, identity: Hashable) -> bool:
+        """The peer is ``identity``: False means close it at once (per-identity cap)."""
+        if self._per_identity[identity] >= self.limits.max_connections_per_identity:
+            self.rejected_identity += 1
+            return False
+        self._per_identity[identity] += 1
+        return True
+
+    def release_identity(self, identity: Hashable) -> None:
+        """A connection admitted by ``admit_identity`` ended."""
+        left = self._per_identity[identity] - 1
+        if left > 0:
+            self._per_identity[identity] = left
+        else:
+            del self._per_identity[identity]
+
+    def connections_of(self, identity: Hashable) -> int:
+        return self._per_identity.get(identity, 0)

@@ -8,6 +8,13 @@ the callback accepted, copying bytes (or handing the stream itself to an ``Accep
 reporting per-tunnel bytes and duration (``TunnelStats``, naming its request and handle), and draining
 (GOAWAY, let tunnels finish until a deadline, then close). A reset stream cancels its callback, so a
 dial in progress is abandoned.
+
+Listener hardening (reliability.md §6): a global connection cap checked at accept (TLS handshakes in
+progress count, so a slowloris cannot hold more than the cap) and a per-source-identity cap checked
+right after the identity is verified, both closing at once beyond the cap (decisions in
+``guard.ConnectionCaps``); the TLS handshake timeout (``Limits.handshake_timeout``); and an abort
+``ListenerLimits.close_grace`` seconds after the core ended a connection, so a peer that never reads
+its GOAWAY cannot pin the socket and its queued output.
 """
 
 from __future__ import annotations
@@ -18,14 +25,21 @@ import logging
 import socket
 import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ztunnel.hbone.authority import Authority
 from ztunnel.hbone.connection import HboneServerConnection
-from ztunnel.hbone.errors import HboneError
+from ztunnel.hbone.errors import ErrorCodes, HboneError
 from ztunnel.hbone.events import ConnectionTerminated, Event, StreamReset, TunnelRequested
-from ztunnel.hbone.guard import DEFAULT_LIMITS, Limits
+from ztunnel.hbone.guard import (
+    DEFAULT_LIMITS,
+    DEFAULT_LISTENER_LIMITS,
+    ConnectionCaps,
+    Limits,
+    ListenerLimits,
+)
 from ztunnel.hbone.settings import SERVER_SETTINGS, H2Settings
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.identity.tls import verify_client_identity
@@ -49,6 +63,10 @@ class Accept:
     def __post_init__(self) -> None:
         if (self.sock is None) == (self.reader is None or self.writer is None):
             raise ValueError("Accept needs either sock or both reader and writer")
+
+
+class ConnectionCapError(HboneError):
+    """A connection was refused because a listener connection cap is reached."""
 
 
 StreamHandler = Callable[[HboneStream], Awaitable[None]]
@@ -148,6 +166,7 @@ class HboneServer:
         on_tunnel_closed: Callable[[TunnelStats], None] | None = None,
         settings: H2Settings = SERVER_SETTINGS,
         limits: Limits = DEFAULT_LIMITS,
+        listener_limits: ListenerLimits = DEFAULT_LISTENER_LIMITS,
     ) -> None:
         self._ssl_context = ssl_context
         self._trust_domain = trust_domain
@@ -167,6 +186,36 @@ class HboneServer:
         )  # answered 200: a reset stops the copy
         self.connections_accepted = 0
         self.handshake_failures = 0
+        self.caps = ConnectionCaps(listener_limits)
+        self._identity_of: dict[HboneProtocol, SpiffeId] = {}
+        self.guard_trips: Counter[str] = Counter()
+        """Connections the core ended for a peer's misbehaviour, by reason (GOAWAY sent)."""
+
+    @property
+    def connections_rejected_global(self) -> int:
+        """Connections closed at accept because the global cap was reached."""
+        return self.caps.rejected_global
+
+    @property
+    def connections_rejected_identity(self) -> int:
+        """Connections closed after the handshake because their identity was at its cap."""
+        return self.caps.rejected_identity
+
+    @property
+    def connections_open(self) -> int:
+        """Connections holding a slot of the global cap (handshakes in progress included)."""
+        return self.caps.connections
+
+    def counters(self) -> dict[str, int]:
+        """Listener counters for metrics export (monotonic except ``connections_open``)."""
+        return {
+            "connections_accepted": self.connections_accepted,
+            "handshake_failures": self.handshake_failures,
+            "connections_rejected_global": self.caps.rejected_global,
+            "connections_rejected_identity": self.caps.rejected_identity,
+            "connections_open": self.caps.connections,
+            "guard_trips": sum(self.guard_trips.values()),
+        }
 
     @property
     def address(self) -> tuple[str, int]:
@@ -201,6 +250,11 @@ class HboneServer:
                 log.warning("HBONE accept failed: %s", err)
                 await asyncio.sleep(0.05)
                 continue
+            if not self.caps.admit_connection():
+                # Beyond the global cap: close before spending a TLS handshake on it.
+                log.debug("HBONE connection cap %d reached", self.caps.limits.max_connections)
+                conn.close()
+                continue
             # NODELAY: without it the 200 and the first bytes wait for the peer's delayed ACK
             # (~40 ms). asyncio would only set it for a listener made with proto=IPPROTO_TCP.
             configure_stream(conn)
@@ -212,12 +266,23 @@ class HboneServer:
         loop = asyncio.get_running_loop()
         now = loop.time()
         conn = HboneServerConnection(now=now, settings=self._settings, limits=self._limits)
-        proto = HboneProtocol(
-            conn,
-            loop,
-            verify=lambda obj: verify_client_identity(obj, self._trust_domain),
-            on_event=self._on_event,
-        )
+        proto: HboneProtocol
+
+        def verify(obj: ssl.SSLObject) -> SpiffeId:
+            identity = verify_client_identity(obj, self._trust_domain)
+            # In connection_made, before any HTTP/2 byte: an identity at its cap costs no frame.
+            if not self.caps.admit_identity(identity):
+                raise ConnectionCapError(
+                    f"client identity {identity} already holds "
+                    f"{self.caps.limits.max_connections_per_identity} connections"
+                )
+            self._identity_of[proto] = identity
+            return identity
+
+        proto = HboneProtocol(conn, loop, verify=verify, on_event=self._on_event)
+        # connection_lost follows every connection_made, so this releases every admitted identity.
+        proto.closed.add_done_callback(lambda _: self._release_identity(proto))
+        established = False
         try:
             ctx = self._ssl_context()
             await loop.connect_accepted_socket(
@@ -227,14 +292,36 @@ class HboneServer:
                 ssl_handshake_timeout=self._limits.handshake_timeout,
             )
             await proto.ready
+            established = True
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError, Exception) as err:
             self.handshake_failures += 1
             log.info("HBONE handshake/identity check failed: %s", err)
             sock.close()
             return
+        finally:
+            if not established:
+                self.caps.release_connection()
+                if proto.transport is None:
+                    sock.close()  # cancelled before the transport took the socket
+                elif not proto.closed.done():
+                    proto.transport.abort()
         self.connections_accepted += 1
         self._protocols.add(proto)
-        proto.closed.add_done_callback(lambda _: self._protocols.discard(proto))
+        proto.closed.add_done_callback(lambda _: self._on_closed(proto))
+
+    def _on_closed(self, proto: HboneProtocol) -> None:
+        self._protocols.discard(proto)
+        self.caps.release_connection()
+
+    def _release_identity(self, proto: HboneProtocol) -> None:
+        identity = self._identity_of.pop(proto, None)
+        if identity is not None:
+            self.caps.release_identity(identity)
+
+    def _abort_if_open(self, proto: HboneProtocol) -> None:
+        if proto.transport is not None and not proto.closed.done():
+            log.info("HBONE peer did not take its GOAWAY within the close grace: aborting")
+            proto.transport.abort()
 
     # ---------------------------------------------------------------- events
     def _on_event(self, proto: HboneProtocol, event: Event) -> None:
@@ -254,6 +341,12 @@ class HboneServer:
             for (p, _sid), task in list(self._tasks.items()):
                 if p is proto and (p, _sid) not in self._accepted:
                     task.cancel()
+            if not event.remote:
+                if event.error_code != ErrorCodes.NO_ERROR:
+                    self.guard_trips[event.reason] += 1
+                # The GOAWAY waits in the transport; a peer that never reads would keep it (and
+                # the socket) forever. close() is graceful, so abort after a grace period.
+                proto.loop.call_later(self.caps.limits.close_grace, self._abort_if_open, proto)
 
     async def _serve(
         self,

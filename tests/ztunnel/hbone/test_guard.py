@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -17,7 +18,7 @@ from ztunnel.hbone import frames as fr
 from ztunnel.hbone.connection import HboneServerConnection
 from ztunnel.hbone.errors import ErrorCodes
 from ztunnel.hbone.events import ConnectionTerminated, StreamReset, TunnelRequested
-from ztunnel.hbone.guard import Guard, Limits, TokenBucket
+from ztunnel.hbone.guard import ConnectionCaps, Guard, Limits, ListenerLimits, TokenBucket
 
 
 def test_token_bucket_refills():
@@ -180,3 +181,54 @@ def test_first_connect_and_idle_timeouts():
     s = HboneServerConnection(now=0.0, limits=Limits(first_connect_timeout=5, idle_timeout=None))
     assert s.get_timer() == 5
     assert isinstance(s.handle_timer(5)[-1], ConnectionTerminated)
+
+
+def test_listener_defaults_are_the_edge_profile():
+    limits = ListenerLimits()
+    assert limits.max_connections == 5_000
+    assert limits.max_connections_per_identity == 500
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_connections": 0}, "max_connections"),
+        ({"max_connections_per_identity": 0}, "max_connections_per_identity"),
+        ({"close_grace": -1.0}, "close_grace"),
+    ],
+    ids=["global-zero", "identity-zero", "negative-grace"],
+)
+def test_listener_limits_reject_bad_values(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        ListenerLimits(**kwargs)
+
+
+def test_global_connection_cap_admits_then_refuses_then_frees():
+    caps = ConnectionCaps(ListenerLimits(max_connections=2))
+    assert caps.admit_connection()
+    assert caps.admit_connection()
+    assert not caps.admit_connection()
+    assert caps.rejected_global == 1
+    caps.release_connection()
+    assert caps.admit_connection()
+    caps.release_connection()
+    caps.release_connection()
+    caps.release_connection()
+    caps.release_connection()  # never below zero
+    assert caps.connections == 0
+
+
+def test_per_identity_cap_is_per_identity():
+    caps = ConnectionCaps(ListenerLimits(max_connections_per_identity=2))
+    assert caps.admit_identity("a")
+    assert caps.admit_identity("a")
+    assert not caps.admit_identity("a")
+    assert caps.admit_identity("b")
+    assert caps.rejected_identity == 1
+    assert caps.connections_of("a") == 2
+    caps.release_identity("a")
+    assert caps.connections_of("a") == 1
+    assert caps.admit_identity("a")
+    caps.release_identity("b")
+    caps.release_identity("b")  # an unknown release is harmless
+    assert caps.connections_of("b") == 0

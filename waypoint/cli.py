@@ -5,7 +5,9 @@ in-cluster service account when omitted) and runs, in one process over one `Watc
 
 * the control plane (`waypoint.controlplane`): delta xDS and the Istio CA on `--xds-address`,
   always, on every replica;
-* the `WaypointManager`, only while this replica holds the Lease (`--leader-elect`, default on);
+* the `WaypointManager`, only while this replica holds the Lease (`--leader-elect`, default on):
+  waypoint objects (pods dialling `--proxy-xds-address`/`--proxy-ca-address`, announcing
+  `--proxy-cluster-id`) and the CA's roots in ConfigMap `istio-ca-root-cert` of every namespace;
 * the monitoring endpoint (`waypoint.manager.health`) on `--monitoring-address`.
 
 It stops on SIGTERM/SIGINT (releasing the Lease). `run_manager(args, stop, status)` is the async
@@ -29,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from waypoint.manager.binding import BindingTable
 from waypoint.manager.render import RenderConfig
@@ -56,6 +59,22 @@ def _manager_parser(
     p.add_argument("--image-pull-policy", default=defaults.image_pull_policy)
     p.add_argument("--cluster-domain", default=defaults.cluster_domain)
     p.add_argument("--trust-domain", default=defaults.trust_domain)
+    # What the rendered waypoint pods dial (their XDS_ADDRESS, CA_ADDRESS, CLUSTER_ID).
+    p.add_argument(
+        "--proxy-xds-address",
+        default=defaults.xds_address,
+        help="control-plane URL the waypoint pods use for xDS (their XDS_ADDRESS)",
+    )
+    p.add_argument(
+        "--proxy-ca-address",
+        default=defaults.ca_address,
+        help="Istio CA URL of the waypoint pods (CA_ADDRESS); default: --proxy-xds-address",
+    )
+    p.add_argument(
+        "--proxy-cluster-id",
+        default=defaults.cluster_id,
+        help="cluster id the waypoint pods announce (CLUSTER_ID)",
+    )
     p.add_argument(
         "--no-watch-pods", action="store_true", help="skip workload bindings (no Pod watch)"
     )
@@ -117,6 +136,33 @@ class ManagerStatus:
         )
 
 
+def render_config(args: argparse.Namespace) -> RenderConfig:
+    """The cluster-wide render settings from `waypoint manager` flags."""
+    return RenderConfig(
+        image=args.proxy_image,
+        image_pull_policy=args.image_pull_policy,
+        cluster_domain=args.cluster_domain,
+        trust_domain=args.trust_domain,
+        xds_address=args.proxy_xds_address,
+        ca_address=args.proxy_ca_address,
+        cluster_id=args.proxy_cluster_id,
+    )
+
+
+def _check_proxy_url(flag: str, value: str, *, optional: bool) -> str | None:
+    """Why `value` is not a control-plane URL the proxy can dial (http(s)://HOST:PORT), or None."""
+    if optional and not value:
+        return None
+    try:
+        url = urlsplit(value)
+        port = url.port
+    except ValueError as err:
+        return f"{flag} {value!r}: {err}"
+    if url.scheme not in ("http", "https") or not url.hostname or port is None:
+        return f"{flag} {value!r}: expected http(s)://HOST:PORT"
+    return None
+
+
 async def run_manager(
     args: argparse.Namespace, stop: asyncio.Event, status: ManagerStatus | None = None
 ) -> int:
@@ -141,15 +187,12 @@ async def run_manager(
 
     manager = WaypointManager(
         api,
-        RenderConfig(
-            image=args.proxy_image,
-            image_pull_policy=args.image_pull_policy,
-            cluster_domain=args.cluster_domain,
-            trust_domain=args.trust_domain,
-        ),
+        render_config(args),
         watch_pods=not args.no_watch_pods,
         on_bindings=publish,
         cache=cache,  # one watch per kind, shared with the control plane
+        # The leader publishes the CA's roots (ConfigMap istio-ca-root-cert) in every namespace.
+        roots=lambda: status.control.roots() if status.control.roots is not None else None,
     )
     status.manager = manager
     health: HealthServer | None = None
@@ -210,6 +253,15 @@ def parse_manager_args(argv: Sequence[str]) -> argparse.Namespace:
     parser, manager_parser = build_parser()
     args = parser.parse_args(list(argv))
     check_arguments(manager_parser, args)
+    for flag, value, optional in (
+        ("--proxy-xds-address", args.proxy_xds_address, False),
+        ("--proxy-ca-address", args.proxy_ca_address, True),
+    ):
+        problem = _check_proxy_url(flag, value, optional=optional)
+        if problem is not None:
+            manager_parser.error(problem)
+    if not args.proxy_cluster_id:
+        manager_parser.error("--proxy-cluster-id: empty")
     if args.monitoring_address:
         try:
             parse_listen_address(args.monitoring_address, flag="--monitoring-address")

@@ -171,6 +171,25 @@ BUILTIN_KINDS: tuple[ResourceKind, ...] = (
     _k("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", short=("pdb",)),
     _k("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", has_status=False),
     _k("coordination.k8s.io", "v1", "leases", "Lease", has_status=False),
+    # RBAC objects are stored only: the fake server authorizes nothing.
+    _k("rbac.authorization.k8s.io", "v1", "roles", "Role", has_status=False),
+    _k("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", has_status=False),
+    _k(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "clusterroles",
+        "ClusterRole",
+        namespaced=False,
+        has_status=False,
+    ),
+    _k(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "clusterrolebindings",
+        "ClusterRoleBinding",
+        namespaced=False,
+        has_status=False,
+    ),
     _k(
         "gateway.networking.k8s.io",
         "v1",

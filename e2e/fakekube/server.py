@@ -24,6 +24,7 @@ from e2e.fakekube import errors
 from e2e.fakekube.errors import ApiError
 from e2e.fakekube.registry import ResourceKind, UnknownKind
 from e2e.fakekube.store import (
+    DEFAULT_SERVICE_CLUSTER_IP_RANGE,
     PATCH_APPLY,
     Store,
     TokenReviewer,
@@ -98,8 +99,14 @@ class FakeApiServer:
         default_watch_timeout: float = 1800.0,
         token_reviewer: TokenReviewer | None = None,
         store: Store | None = None,
+        service_cluster_ip_range: str = DEFAULT_SERVICE_CLUSTER_IP_RANGE,
     ) -> None:
-        self.store = store or Store(history_limit=history_limit, token_reviewer=token_reviewer)
+        """`service_cluster_ip_range` is where Services get their clusterIP (ignored with `store`)."""
+        self.store = store or Store(
+            history_limit=history_limit,
+            token_reviewer=token_reviewer,
+            service_cluster_ip_range=service_cluster_ip_range,
+        )
         self._host = host
         self._port = port
         self.bookmark_interval = bookmark_interval

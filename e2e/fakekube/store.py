@@ -17,6 +17,7 @@ import base64
 import binascii
 import copy
 import datetime as dt
+import ipaddress
 import json
 import random
 import re
@@ -52,6 +53,8 @@ DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_NAMED = {("", "namespaces"), ("", "services")}
 _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 BUILTIN_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+DEFAULT_SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/12"  # kubeadm's default --service-cluster-ip-range
+_FIRST_SERVICE_IP_OFFSET = 10  # first address handed out: 10.96.0.10 in the default range
 
 PATCH_MERGE = "application/merge-patch+json"
 PATCH_JSON = "application/json-patch+json"
@@ -164,9 +167,25 @@ class Store:
         history_limit: int = 10_000,
         token_reviewer: TokenReviewer | None = None,
         rng: random.Random | None = None,
+        service_cluster_ip_range: str | ipaddress.IPv4Network | ipaddress.IPv6Network = (
+            DEFAULT_SERVICE_CLUSTER_IP_RANGE
+        ),
     ) -> None:
         if history_limit < 1:
             raise ValueError(f"history_limit must be at least 1, got {history_limit}")
+        try:
+            service_range = ipaddress.ip_network(service_cluster_ip_range)
+        except ValueError as exc:
+            raise ValueError(
+                f"service_cluster_ip_range {service_cluster_ip_range!r}: {exc}"
+            ) from None
+        if service_range.num_addresses <= _FIRST_SERVICE_IP_OFFSET + 1:
+            raise ValueError(
+                f"service_cluster_ip_range {service_range}: too small, need more than "
+                f"{_FIRST_SERVICE_IP_OFFSET + 1} addresses"
+            )
+        self.service_cluster_ip_range = service_range
+        """Where Services without a clusterIP get one (kube-apiserver's --service-cluster-ip-range)."""
         self.registry = registry or Registry.with_builtins()
         self.lock = threading.RLock()
         self.token_reviewer: TokenReviewer = token_reviewer or _reject_all
@@ -180,7 +199,7 @@ class Store:
         self._subscribers: dict[int, Callable[[WatchEvent], None]] = {}
         self._next_subscriber = 0
         self._gc_pending = False
-        self._next_cluster_ip = 10
+        self._next_cluster_ip = _FIRST_SERVICE_IP_OFFSET
         for ns in BUILTIN_NAMESPACES:
             self.put_object({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
 
@@ -540,6 +559,27 @@ class Store:
         self._defaults(kind, obj)
         return obj
 
+    def _allocate_cluster_ip(self, name: str) -> str:
+        """The next free address of the service range (in order; addresses in use are skipped)."""
+        net = self.service_cluster_ip_range
+        in_use = {
+            str(ip)
+            for svc in self._objects.get(("", "services"), {}).values()
+            for ip in (svc.get("spec") or {}).get("clusterIPs") or []
+        }
+        # The last address of an IPv4 range is its broadcast address: never handed out.
+        end = net.num_addresses - (1 if net.version == 4 else 0)
+        while self._next_cluster_ip < end:
+            candidate = str(net[self._next_cluster_ip])
+            self._next_cluster_ip += 1
+            if candidate not in in_use:
+                return candidate
+        raise errors.invalid(
+            "Service",
+            name,
+            [("FieldValueInvalid", "spec.clusterIP", f"service IP range {net} is full")],
+        )
+
     def _defaults(self, kind: ResourceKind, obj: dict[str, Any]) -> None:
         """What the real server's create strategies fill in, for the kinds where clients look."""
         key = (kind.group, kind.plural)
@@ -553,9 +593,7 @@ class Store:
             spec.setdefault("type", "ClusterIP")
             spec.setdefault("sessionAffinity", "None")
             if spec["type"] != "ExternalName" and not spec.get("clusterIP"):
-                n = self._next_cluster_ip
-                self._next_cluster_ip += 1
-                spec["clusterIP"] = f"10.96.{n // 256}.{n % 256}"
+                spec["clusterIP"] = self._allocate_cluster_ip(_meta(obj).get("name", ""))
             if spec.get("clusterIP"):
                 spec.setdefault(
                     "clusterIPs", [spec["clusterIP"]] if spec["clusterIP"] != "None" else ["None"]

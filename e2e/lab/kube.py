@@ -62,6 +62,8 @@ if TYPE_CHECKING:
 
 CP_IP = ipaddress.IPv4Address("10.240.0.250")
 API_PORT = 6443
+SERVICE_CLUSTER_IP_RANGE = "10.96.1.0/24"
+"""The fake API server's Service range: beside the lab spec's VIPs (10.96.0.0/24), never on them."""
 XDS_PORT = 15012
 MONITORING_PORT = 15014
 ZTUNNEL_NAMESPACE = "ambient-system"  # as deploy/ztunnel; the CA trusts this node agent account
@@ -87,7 +89,13 @@ class _ApiServerThread:
 
     def __init__(self, netns: str, reviewer: Any) -> None:
         self.server = FakeApiServer(
-            host="0.0.0.0", port=API_PORT, bookmark_interval=0.5, token_reviewer=reviewer
+            host="0.0.0.0",
+            port=API_PORT,
+            bookmark_interval=0.5,
+            token_reviewer=reviewer,
+            # ClusterIPs the API server allocates (the manager's waypoint Services) must not
+            # collide with the spec's VIPs (10.96.0.0/24): the first is 10.96.1.10.
+            service_cluster_ip_range=SERVICE_CLUSTER_IP_RANGE,
         )
         self._netns = netns
         self._loop = asyncio.new_event_loop()
@@ -176,10 +184,6 @@ class KubeLab:
         self._build_netns()
         self._api = _ApiServerThread(self.netns, self._review)
         self._api.start()
-        # ClusterIPs the API server allocates (the manager's waypoint Services) must not collide
-        # with the spec's VIPs (10.96.0.0/24): start its allocator at 10.96.1.10. fakekube has no
-        # public knob for its service range yet.
-        self._api.server.store._next_cluster_ip = 256 + 10
         self._write_kubeconfig()
         self.mirror()
         if manager:

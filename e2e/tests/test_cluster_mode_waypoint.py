@@ -128,6 +128,23 @@ def test_1_gateway_creates_a_running_waypoint(cluster: tuple[Lab, KubeLab]) -> N
     assert pod["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"] == "waypoint"
     assert pod["metadata"]["ownerReferences"][0]["kind"] == "ReplicaSet"
     assert pod["status"]["podIP"] == str(lab.ip("waypoint-1"))
+    # Its account may read its L7 configuration in its namespace (a RoleBinding owned by the
+    # Gateway), and the mesh's roots are published there, as istiod does.
+    rb = kube.server.get_object("rbac.authorization.k8s.io/v1", "RoleBinding", "waypoint", "shop")
+    assert rb is not None
+    assert rb["roleRef"]["name"] == "ambient-waypoint-proxy"
+    assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "waypoint", "namespace": "shop"}]
+    roots = lab.ca_dir.joinpath("root-cert.pem").read_text()
+
+    def published(namespace: str) -> Callable[[], bool]:
+        def check() -> bool:
+            cm = kube.server.get_object("v1", "ConfigMap", "istio-ca-root-cert", namespace)
+            return cm is not None and cm.get("data", {}).get("root-cert.pem") == roots
+
+        return check
+
+    for namespace in ("shop", "ambient-system"):
+        wait_for(published(namespace), f"root certificate ConfigMap in {namespace}")
 
     # The manager publishes the Gateway once the Deployment has a ready replica.
     def gateway() -> dict[str, Any] | None:

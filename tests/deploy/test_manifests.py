@@ -400,3 +400,80 @@ def test_ztunnel_flags_are_known_to_ztunnel_run(capsys: pytest.CaptureFixture[st
     # Kubernetes expands $(VAR) only for variables the container defines.
     for ref in re.findall(r"\$\((\w+)\)", " ".join(CONTAINER["args"])):
         assert ref in ENV, ref
+
+
+# --- the manager's waypoint pods ---------------------------------------------------------------
+
+MANAGER = _one("Deployment", "waypoint-manager")
+(MANAGER_CONTAINER,) = MANAGER["spec"]["template"]["spec"]["containers"]
+
+
+def _manager_flags() -> dict[str, str]:
+    return dict(a.removeprefix("--").split("=", 1) for a in MANAGER_CONTAINER["args"] if "=" in a)
+
+
+def test_manager_flags_are_known_to_waypoint_manager(capsys: pytest.CaptureFixture[str]) -> None:
+    from waypoint.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["manager", "--help"])
+    usage = capsys.readouterr().out
+    flags = [a.split("=")[0] for a in MANAGER_CONTAINER["args"] if a.startswith("--")]
+    for flag in flags:
+        assert re.search(rf"(^|\s|\[){re.escape(flag)}\b", usage), (
+            f"`waypoint manager` has no {flag}"
+        )
+
+
+def test_waypoint_pods_dial_what_ztunnel_dials() -> None:
+    """The rendered waypoints' XDS_ADDRESS/CA_ADDRESS/CLUSTER_ID equal the DaemonSet's."""
+    flags = _manager_flags()
+    assert flags["proxy-xds-address"] == ENV["XDS_ADDRESS"]["value"]
+    assert flags["proxy-ca-address"] == ENV["CA_ADDRESS"]["value"]
+    assert flags["proxy-cluster-id"] == ENV["CLUSTER_ID"]["value"] == flags["cluster-id"]
+    from waypoint import cli
+
+    config = cli.render_config(
+        cli.parse_manager_args(
+            ["manager", *(a for a in MANAGER_CONTAINER["args"][1:] if "$(" not in a)]
+        )
+    )
+    assert (config.xds_address, config.ca_address, config.cluster_id) == (
+        ENV["XDS_ADDRESS"]["value"],
+        ENV["CA_ADDRESS"]["value"],
+        ENV["CLUSTER_ID"]["value"],
+    )
+
+
+def _manager_grants() -> dict[tuple[str, str], set[str]]:
+    account = MANAGER["spec"]["template"]["spec"]["serviceAccountName"]
+    granted: dict[tuple[str, str], set[str]] = {}
+    for binding in (o for o in ALL if o["kind"] == "ClusterRoleBinding"):
+        if {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE} in binding[
+            "subjects"
+        ]:
+            for key, verbs in _grants(_one("ClusterRole", binding["roleRef"]["name"])).items():
+                granted.setdefault(key, set()).update(verbs)
+    return granted
+
+
+def test_manager_can_bind_the_waypoint_proxy_role_without_the_bind_verb() -> None:
+    """RBAC escalation check: a RoleBinding to a role is allowed when the creator holds its rights."""
+    from waypoint.manager.render import DEFAULT_PROXY_CLUSTER_ROLE
+
+    role = _one("ClusterRole", DEFAULT_PROXY_CLUSTER_ROLE)
+    granted = _manager_grants()
+    for key, verbs in _grants(role).items():
+        assert verbs <= granted.get(key, set()), f"the manager lacks {key} {verbs}"
+        assert verbs <= {"get", "list", "watch"}, "the waypoint proxy only reads"
+    assert {"create", "patch", "delete"} <= granted[("rbac.authorization.k8s.io", "rolebindings")]
+
+
+def test_manager_publishes_the_root_cert_the_pods_mount() -> None:
+    from waypoint.manager.render import RenderConfig
+    from waypoint.manager.rootcert import ROOT_CERT_CONFIGMAP
+
+    assert RenderConfig().root_cert_configmap == ROOT_CERT_CONFIGMAP
+    volumes = [v["configMap"]["name"] for v in POD["volumes"] if "configMap" in v]
+    assert volumes == [ROOT_CERT_CONFIGMAP]  # ztunnel's, in ambient-system
+    assert _manager_grants()[("", "configmaps")] == {"get", "list", "watch", "create", "patch"}

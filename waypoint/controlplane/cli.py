@@ -147,6 +147,8 @@ class RunStatus:
     port: int | None = None
     """The bound xDS/CA port (None: not serving, e.g. `--xds-address ''`)."""
     elector: LeaderElector | None = None
+    roots: Callable[[], bytes] | None = None
+    """The CA's current trusted roots (PEM), once the CA is loaded; published by the manager."""
     controller_running: bool = False
     """True between the controller's start and stop (always, without leader election)."""
     serving: asyncio.Event = field(default_factory=asyncio.Event)
@@ -245,6 +247,7 @@ async def run(
                     "no --ca-dir: certificates are signed by an in-memory CA (tests and labs only)"
                 )
                 ca = LocalCa.generate(args.mesh_trust_domain)
+            status.roots = ca.roots_pem
             credentials = _server_credentials(args)
             await plane.start()
             authenticator = TokenReviewAuthenticator(

@@ -2,7 +2,7 @@
 
 Pure cores: `model` (names, labels, Gateway parsing and validation), `params` (parametersRef ConfigMap),
 `render` (objects), `plan` (apply/delete/foreign), `status` (conditions), `binding` (which services and
-workloads use which waypoint). Shells: `client` (kubernetes_asyncio behind the `kube.KubeApi` seam) and
+workloads use which waypoint), `rootcert` (the `istio-ca-root-cert` ConfigMap of each namespace). Shells: `client` (kubernetes_asyncio behind the `kube.KubeApi` seam) and
 `controller` (informers, work queue, reconcilers). Import the shells from their modules; this package
 re-exports the pure API only, so importing it never pulls in a Kubernetes client.
 """

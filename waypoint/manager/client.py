@@ -92,10 +92,11 @@ class AsyncKubeClient:
         return obj
 
     async def list(
-        self, rt: ResourceType, *, label_selector: str | None = None
+        self, rt: ResourceType, *, label_selector: str | None = None, namespace: str | None = None
     ) -> tuple[list[dict[str, Any]], str]:
         query = [("labelSelector", label_selector)] if label_selector else []
-        result = await self._call("GET", rt.path(), f"list {rt.plural}", query=query)
+        what = f"list {rt.plural}" + (f" in {namespace}" if namespace else "")
+        result = await self._call("GET", rt.path(namespace), what, query=query)
         items = []
         for item in result.get("items") or []:
             # List items carry no apiVersion/kind; the rest of the manager expects them.
@@ -111,6 +112,7 @@ class AsyncKubeClient:
         resource_version: str,
         label_selector: str | None = None,
         timeout_seconds: int = 300,
+        namespace: str | None = None,
     ) -> AsyncIterator[WatchEvent]:
         query = [
             ("watch", "true"),
@@ -120,10 +122,10 @@ class AsyncKubeClient:
         ]
         if label_selector:
             query.append(("labelSelector", label_selector))
-        what = f"watch {rt.plural}"
+        what = f"watch {rt.plural}" + (f" in {namespace}" if namespace else "")
         try:
             resp = await self._api.call_api(
-                rt.path(),
+                rt.path(namespace),
                 "GET",
                 query_params=query,
                 header_params={"Accept": "application/json"},

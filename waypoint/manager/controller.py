@@ -9,6 +9,10 @@ and diffs the cache, so no event is lost), and `WaypointManager`, which reconcil
 * ("class", name): GatewayClass Accepted for classes whose controllerName is ours.
 * ("bindings",): recompute the binding table from every Namespace, Service, Pod and waypoint and write
   the istio.io/WaypointBound condition on each Service that changed.
+* ("rootcert", ns): publish the CA's current roots in ConfigMap `istio-ca-root-cert` of that namespace
+  (`rootcert`), when the manager was given the CA's roots. Namespace and ConfigMap events enqueue
+  it (a deleted ConfigMap is recreated); a root rotation, seen by polling the roots or announced
+  through `roots_changed()`, enqueues every namespace.
 
 Every reconcile reads current state and converges on it (level-based): a restart re-lists and repeats
 the same deterministic writes, so nothing is duplicated or lost. Failures requeue with capped backoff.
@@ -57,6 +61,7 @@ from .model import (
 from .params import Params, ParamsError, parse_params
 from .plan import Plan, plan
 from .render import RenderConfig, RenderError, render
+from .rootcert import plan_root_cert
 from .status import Runtime, gateway_class_status, gateway_status, set_condition, without_times
 
 log = logging.getLogger(__name__)
@@ -392,7 +397,12 @@ class WaypointManager:
         max_backoff: float = 10.0,
         on_bindings: Callable[[BindingTable], Awaitable[None] | None] | None = None,
         cache: WatchCache | None = None,
+        roots: Callable[[], bytes | str | None] | None = None,
+        roots_poll_interval: float = 5.0,
     ) -> None:
+        """`roots` returns the CA's current trusted roots (PEM; None: not known yet); with it, the
+        manager publishes them in every namespace and re-checks them every `roots_poll_interval`
+        seconds (root rotation)."""
         self.api = api
         self.config = config or RenderConfig()
         self.now = now
@@ -403,13 +413,20 @@ class WaypointManager:
         self.reconcile_errors = 0
         self._on_bindings = on_bindings
         self._max_backoff = max_backoff
-        self._queue: asyncio.Queue[Key] = asyncio.Queue()
+        # (priority, sequence, key): waypoint keys before root-certificate keys, so the writes for
+        # thousands of namespaces at start-up or after a root rotation never hold up a Gateway.
+        self._queue: asyncio.PriorityQueue[tuple[int, int, Key]] = asyncio.PriorityQueue()
+        self._sequence = 0
         self._pending: set[Key] = set()
         self._failures: dict[Key, int] = {}
         self._retries: set[asyncio.TimerHandle] = set()
         self._idle = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._service_labels: dict[ObjKey, dict[str, str]] = {}
+        self._roots = roots
+        self._roots_poll_interval = roots_poll_interval
+        self.root_cert_foreign: dict[str, str] = {}
+        """Namespaces whose `istio-ca-root-cert` is not ours (left alone) -> why; for logs and tests."""
         # A cache passed in is shared with other consumers and outlives this manager's start/stop
         # (leadership may come and go); without one, the manager owns a private cache.
         self._owns_cache = cache is None
@@ -465,6 +482,8 @@ class WaypointManager:
             raise
         # Only now: reconciling against half-listed caches would plan from a partial view.
         self._tasks.append(asyncio.create_task(self._worker(), name="waypoint-manager-worker"))
+        if self._roots is not None:
+            self._tasks.append(asyncio.create_task(self._poll_roots(), name="root-cert-poll"))
 
     async def stop(self) -> None:
         for inf, listener in self._listeners:
@@ -480,7 +499,7 @@ class WaypointManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         # A later start() begins from a clean queue and replays the caches.
-        self._queue = asyncio.Queue()
+        self._queue = asyncio.PriorityQueue()
         self._pending.clear()
         self._failures.clear()
         self._idle.clear()
@@ -509,7 +528,8 @@ class WaypointManager:
         if key not in self._pending:
             self._pending.add(key)
             self._idle.clear()
-            self._queue.put_nowait(key)
+            self._sequence += 1
+            self._queue.put_nowait((1 if key[0] == "rootcert" else 0, self._sequence, key))
 
     def _event_handler(self, rt: ResourceType) -> Callable[[str, Mapping[str, Any]], None]:
         def handle(event_type: str, obj: Mapping[str, Any]) -> None:
@@ -523,6 +543,8 @@ class WaypointManager:
                     self.enqueue(("gateway", gns, gname))
                 self.enqueue(("bindings",))
             elif rt is kinds.CONFIG_MAP:
+                if name == self.config.root_cert_configmap:
+                    self.enqueue(("rootcert", ns))
                 for (gns, gname), gw in list(self.gateways.cache.items()):
                     ref = ((gw.get("spec") or {}).get("infrastructure") or {}).get(
                         "parametersRef"
@@ -531,6 +553,8 @@ class WaypointManager:
                         self.enqueue(("gateway", gns, gname))
             elif rt in (kinds.NAMESPACE, kinds.POD):
                 self.enqueue(("bindings",))
+                if rt is kinds.NAMESPACE and event_type != "DELETED":
+                    self.enqueue(("rootcert", name))
             else:
                 labels = _labels(obj)
                 if labels.get(MANAGED_LABEL) == MANAGED_VALUE and labels.get(GATEWAY_NAME_LABEL):
@@ -550,7 +574,7 @@ class WaypointManager:
         while True:
             if self._queue.empty():
                 self._idle.set()
-            key = await self._queue.get()
+            _, _, key = await self._queue.get()
             self._idle.clear()
             self._pending.discard(key)
             try:
@@ -599,6 +623,8 @@ class WaypointManager:
             await self.reconcile_class(key[1])
         elif key[0] == "bindings":
             await self.reconcile_bindings()
+        elif key[0] == "rootcert":
+            await self.reconcile_root_cert(key[1])
 
     # --- GatewayClass -------------------------------------------------------------------------
 
@@ -835,3 +861,57 @@ class WaypointManager:
             # Server-side apply of just our condition: others' conditions stay; applying none removes ours.
             status: dict[str, Any] = {"conditions": [wanted]} if wanted else {}
             await self._write_status(kinds.SERVICE, key[0], key[1], status)
+
+    # --- root certificate ConfigMaps ------------------------------------------------------------
+
+    def _current_roots(self) -> str | None:
+        roots = self._roots() if self._roots is not None else None
+        if isinstance(roots, bytes):
+            roots = roots.decode("ascii")
+        return roots or None
+
+    def roots_changed(self) -> None:
+        """The CA's roots changed (rotation): republish them in every namespace."""
+        for _, name in list(self.namespaces.cache):
+            self.enqueue(("rootcert", name))
+
+    async def _poll_roots(self) -> None:
+        # The start-up replay of every Namespace publishes the roots of now; this catches changes.
+        seen: str | None = None
+        with contextlib.suppress(Exception):
+            seen = self._current_roots()
+        while True:
+            await asyncio.sleep(self._roots_poll_interval)
+            try:
+                roots = self._current_roots()
+            except Exception:  # a failing CA must not stop the poll
+                log.exception("reading the CA's roots failed")
+                continue
+            if roots is not None and roots != seen:
+                seen = roots
+                log.info("the CA's roots changed; republishing %s", self.config.root_cert_configmap)
+                self.roots_changed()
+
+    async def reconcile_root_cert(self, namespace: str) -> None:
+        roots = self._current_roots()
+        if roots is None:
+            return
+        name = self.config.root_cert_configmap
+        current: Mapping[str, Any] | None = self.configmaps.cache.get((namespace, name))
+        if current is None:
+            # The cache may lag a ConfigMap someone else just made: never create over it blindly.
+            current = await self.api.get(kinds.CONFIG_MAP, namespace, name)
+        p = plan_root_cert(self.namespaces.cache.get(("", namespace)), current, roots, name=name)
+        if p.foreign:
+            if namespace not in self.root_cert_foreign:
+                log.warning("%s", p.foreign[0].reason)
+            self.root_cert_foreign[namespace] = p.foreign[0].reason
+            return
+        self.root_cert_foreign.pop(namespace, None)
+        for a in p.applies:
+            body: dict[str, Any] = dict(a.obj)
+            if a.resource_version:
+                # Pinned: a concurrent writer turns this into a 409 and a retry from fresh state.
+                body["metadata"] = {**body["metadata"], "resourceVersion": a.resource_version}
+            log.info("apply %s", a.key)
+            await self.api.apply(kinds.CONFIG_MAP, body, field_manager=FIELD_MANAGER, force=True)

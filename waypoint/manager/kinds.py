@@ -54,6 +54,9 @@ HPA: Final = ResourceType(
 PDB: Final = ResourceType(
     group="policy", version="v1", plural="poddisruptionbudgets", kind="PodDisruptionBudget"
 )
+ROLE_BINDING: Final = ResourceType(
+    group="rbac.authorization.k8s.io", version="v1", plural="rolebindings", kind="RoleBinding"
+)
 
 GATEWAY: Final = ResourceType(
     group="gateway.networking.k8s.io", version="v1", plural="gateways", kind="Gateway"
@@ -71,8 +74,8 @@ NAMESPACE: Final = ResourceType(
 POD: Final = ResourceType(group="", version="v1", plural="pods", kind="Pod")
 CONFIG_MAP: Final = ResourceType(group="", version="v1", plural="configmaps", kind="ConfigMap")
 
-OWNED_KINDS: Final = (SERVICE_ACCOUNT, DEPLOYMENT, SERVICE, HPA, PDB)
-"""What a waypoint Gateway becomes, in apply order (the account before the pods that use it)."""
+OWNED_KINDS: Final = (SERVICE_ACCOUNT, ROLE_BINDING, DEPLOYMENT, SERVICE, HPA, PDB)
+"""What a waypoint Gateway becomes, in apply order (the account and its rights before the pods)."""
 
 BY_KIND: Final = {
     t.kind: t for t in (*OWNED_KINDS, GATEWAY, GATEWAY_CLASS, NAMESPACE, POD, CONFIG_MAP)

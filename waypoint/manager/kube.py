@@ -55,9 +55,9 @@ class KubeApi(Protocol):
         ...
 
     async def list(
-        self, rt: ResourceType, *, label_selector: str | None = None
+        self, rt: ResourceType, *, label_selector: str | None = None, namespace: str | None = None
     ) -> tuple[list[dict[str, Any]], str]:
-        """All objects (every namespace) and the list's resourceVersion."""
+        """All objects (of every namespace, or of `namespace` only) and the list's resourceVersion."""
         ...
 
     def watch(
@@ -67,8 +67,10 @@ class KubeApi(Protocol):
         resource_version: str,
         label_selector: str | None = None,
         timeout_seconds: int = 300,
+        namespace: str | None = None,
     ) -> AsyncIterator[WatchEvent]:
-        """Events after `resource_version` (bookmarks included) until the server ends the stream.
+        """Events after `resource_version` (bookmarks included) until the server ends the stream;
+        of every namespace, or of `namespace` only (what a namespace-scoped RoleBinding allows).
 
         Raises Gone when that version is too old.
         """

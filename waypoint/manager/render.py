@@ -1,4 +1,5 @@
-"""Render a waypoint Gateway into the objects that run it: ServiceAccount, Deployment, Service, HPA, PDB.
+"""Render a waypoint Gateway into the objects that run it: ServiceAccount, RoleBinding, Deployment,
+Service, HPA, PDB.
 
 Owns `RenderConfig` (cluster-wide defaults the manager is started with), `render(gateway, params,
 config)` returning plain dicts ready for server-side apply, and `apply_overlay` (Istio's per-kind
@@ -16,7 +17,15 @@ Choices, with the pain point each answers (reference/waypoint.md §D):
 * the proxy runs in cluster mode (`waypoint.proxy.xdsview`): `XDS_ADDRESS`/`CA_ADDRESS` of the
   control plane, its own identity from the downward API (`POD_NAMESPACE`, `SERVICE_ACCOUNT`), a
   projected service-account token with audience `istio-ca` (the CA signs only the pod's own
-  identity for it) and the root certificate ConfigMap that verifies the control plane's TLS.
+  identity for it) and the root certificate ConfigMap that verifies the control plane's TLS
+  (published in every namespace by the manager, `rootcert`);
+* the pods' read access to their L7 configuration (HTTPRoute, GRPCRoute, AuthorizationPolicy,
+  `waypoint.proxy.kubesource`) is a RoleBinding in the Gateway's namespace to the ClusterRole
+  `ambient-waypoint-proxy` (deploy/controlplane) for the waypoint's ServiceAccount, owned by the
+  Gateway like the rest; it is never overlaid from the parametersRef ConfigMap (whoever may edit a
+  ConfigMap in the namespace must not be able to point it at another role). Services bound from
+  other namespaces (`istio.io/use-waypoint-namespace`) keep their routes and policies there: the
+  proxy watches only its own namespace unless widened, and needs a RoleBinding in each extra one.
 
 Pure: no I/O; output is deterministic (golden-file tested).
 """
@@ -30,7 +39,7 @@ from typing import Any, Final
 
 from ztunnel.config import DEFAULT_TRUST_DOMAIN
 
-from .kinds import DEPLOYMENT, HPA, PDB, SERVICE, SERVICE_ACCOUNT
+from .kinds import DEPLOYMENT, HPA, PDB, ROLE_BINDING, SERVICE, SERVICE_ACCOUNT
 from .model import (
     DATAPLANE_MODE_LABEL,
     GATEWAY_API_PREFIX,
@@ -56,6 +65,8 @@ TOKEN_DIR: Final = "/var/run/secrets/tokens"
 ROOT_CERT_DIR: Final = "/var/run/secrets/istio"
 CA_AUDIENCE: Final = "istio-ca"
 TOKEN_EXPIRATION_SECONDS: Final = 43200
+DEFAULT_PROXY_CLUSTER_ROLE: Final = "ambient-waypoint-proxy"
+"""deploy/controlplane/waypoint-proxy-clusterrole.yaml: read HTTPRoute, GRPCRoute, AuthorizationPolicy."""
 """Time for endpoint removal to reach every ztunnel before the proxy starts draining."""
 
 # Annotations that steer the controller itself and are not copied onto rendered objects.
@@ -86,6 +97,8 @@ class RenderConfig:
     """Empty: the CA is served with xDS (XDS_ADDRESS)."""
     cluster_id: str = "Kubernetes"
     root_cert_configmap: str = "istio-ca-root-cert"
+    proxy_cluster_role: str = DEFAULT_PROXY_CLUSTER_ROLE
+    """ClusterRole the waypoint pods are bound to in their namespace ('' renders no RoleBinding)."""
 
 
 def _infra(values: Mapping[str, str] | None, *, annotations: bool) -> dict[str, str]:
@@ -140,6 +153,21 @@ def render_service_account(gw: Gateway) -> dict[str, Any]:
         "apiVersion": SERVICE_ACCOUNT.api_version,
         "kind": SERVICE_ACCOUNT.kind,
         "metadata": _metadata(gw, gw.name),
+    }
+
+
+def render_role_binding(gw: Gateway, config: RenderConfig) -> dict[str, Any]:
+    """The waypoint's ServiceAccount may read its L7 configuration in its own namespace."""
+    return {
+        "apiVersion": ROLE_BINDING.api_version,
+        "kind": ROLE_BINDING.kind,
+        "metadata": _metadata(gw, gw.name),
+        "roleRef": {
+            "apiGroup": ROLE_BINDING.group,
+            "kind": "ClusterRole",
+            "name": config.proxy_cluster_role,
+        },
+        "subjects": [{"kind": "ServiceAccount", "name": gw.name, "namespace": gw.namespace}],
     }
 
 
@@ -486,18 +514,17 @@ def render(
     gw: Gateway, params: Params, config: RenderConfig, *, params_source: str = "parametersRef"
 ) -> list[dict[str, Any]]:
     """Everything a valid waypoint Gateway becomes, in apply order. HPA/PDB only when enabled."""
-    objects = [
-        render_service_account(gw),
-        render_deployment(gw, params, config),
-        render_service(gw),
-    ]
+    objects = [render_service_account(gw)]
+    if config.proxy_cluster_role:
+        objects.append(render_role_binding(gw, config))
+    objects += [render_deployment(gw, params, config), render_service(gw)]
     if params.autoscaling:
         objects.append(render_hpa(gw, params))
     if params.pod_disruption_budget:
         objects.append(render_pdb(gw, params))
     out = []
     for obj in objects:
-        key = _OVERLAY_KEY_FOR_KIND[obj["kind"]]
-        overlay = params.overlays.get(key)
+        key = _OVERLAY_KEY_FOR_KIND.get(obj["kind"])  # none for the RoleBinding: see above
+        overlay = params.overlays.get(key) if key else None
         out.append(apply_overlay(obj, overlay, f"{params_source} key {key!r}") if overlay else obj)
     return out

@@ -50,8 +50,23 @@ def test_manager_requires_a_subcommand(capsys) -> None:
         (["--tls-key=/k.pem"], "--tls-cert-chain and --tls-key go together"),
         (["--monitoring-address=15014"], "--monitoring-address: '15014' is not HOST:PORT"),
         (["--monitoring-address=host:1"], "'host' is not an IP address"),
+        (["--proxy-xds-address=cp.svc:15012"], "--proxy-xds-address 'cp.svc:15012': expected"),
+        (["--proxy-ca-address=https://ca.svc"], "--proxy-ca-address 'https://ca.svc': expected"),
+        (["--proxy-xds-address=https://cp:x"], "--proxy-xds-address 'https://cp:x':"),
+        (["--proxy-cluster-id="], "--proxy-cluster-id: empty"),
     ],
-    ids=["renew-past-lease", "zero-lease", "retry-past-renew", "half-tls", "no-host", "dns-host"],
+    ids=[
+        "renew-past-lease",
+        "zero-lease",
+        "retry-past-renew",
+        "half-tls",
+        "no-host",
+        "dns-host",
+        "proxy-xds-no-scheme",
+        "proxy-ca-no-port",
+        "proxy-xds-bad-port",
+        "proxy-cluster-id-empty",
+    ],
 )
 def test_bad_manager_flags_are_refused_with_the_flag_named(
     flags: list[str], message: str, capsys
@@ -67,6 +82,29 @@ def test_manager_flags_include_the_control_plane_and_monitoring() -> None:
     assert args.monitoring_address == "0.0.0.0:15014"
     assert args.leader_elect is True
     assert (args.lease_duration, args.renew_deadline, args.retry_period) == (15, 10.0, 2.0)
+
+
+def test_proxy_flags_default_to_the_render_defaults_and_reach_the_render_config() -> None:
+    from waypoint.manager.render import RenderConfig
+
+    assert cli.render_config(cli.parse_manager_args(["manager"])) == RenderConfig()
+    config = cli.render_config(
+        cli.parse_manager_args(
+            [
+                "manager",
+                "--proxy-xds-address=https://cp.mesh.svc:15012",
+                "--proxy-ca-address=http://10.0.0.1:15012",
+                "--proxy-cluster-id=east",
+                "--trust-domain=example.org",
+            ]
+        )
+    )
+    assert (config.xds_address, config.ca_address, config.cluster_id, config.trust_domain) == (
+        "https://cp.mesh.svc:15012",
+        "http://10.0.0.1:15012",
+        "east",
+        "example.org",
+    )
 
 
 @pytest.mark.timeout(60)

@@ -23,6 +23,7 @@ NOW = "2026-01-01T00:00:00Z"
 CONFIG = RenderConfig(image="registry.example/ambient/waypoint:0.1.0")
 OWNED = [
     ("v1", "ServiceAccount"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
     ("apps/v1", "Deployment"),
     ("v1", "Service"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
@@ -393,7 +394,7 @@ async def test_restart_mid_reconcile_converges_without_duplicates(
     server, managers, kubeconfig
 ) -> None:
     crash_client = await connect(str(kubeconfig))
-    first = await managers.start(api=CrashingApi(crash_client, allowed=2))
+    first = await managers.start(api=CrashingApi(crash_client, allowed=3))
     put_gateway(server)
     await eventually(lambda: get(server, "apps/v1", "Deployment"), what="partial apply")
     assert get(server, "v1", "Service") is None  # stopped half way

@@ -10,7 +10,18 @@ import pytest
 import waypoint.manager
 
 PACKAGE = Path(waypoint.manager.__file__).parent
-PURE = ["__init__", "binding", "kinds", "kube", "model", "params", "plan", "render", "status"]
+PURE = [
+    "__init__",
+    "binding",
+    "kinds",
+    "kube",
+    "model",
+    "params",
+    "plan",
+    "render",
+    "rootcert",
+    "status",
+]
 FORBIDDEN = {
     "asyncio",
     "socket",

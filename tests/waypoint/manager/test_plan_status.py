@@ -28,6 +28,7 @@ def test_nothing_exists_creates_everything() -> None:
     p = plan("shop", "waypoint", DESIRED, [])
     assert [a.key.kind for a in p.applies] == [
         "ServiceAccount",
+        "RoleBinding",
         "Deployment",
         "Service",
         "HorizontalPodAutoscaler",
@@ -41,12 +42,13 @@ def test_nothing_exists_creates_everything() -> None:
 def test_unchanged_objects_plan_no_write() -> None:
     p = plan("shop", "waypoint", DESIRED, observed_copy(DESIRED))
     assert p.empty
-    assert len(p.unchanged) == 5
+    assert len(p.unchanged) == 6
 
 
 def test_changed_object_is_applied_pinned_to_seen_version() -> None:
     observed = observed_copy(DESIRED)
-    observed[1]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 1
+    (deployment,) = [o for o in observed if o["kind"] == "Deployment"]
+    deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 1
     p = plan("shop", "waypoint", DESIRED, observed)
     assert [(a.key.kind, a.resource_version) for a in p.applies] == [("Deployment", "7")]
 

@@ -252,7 +252,14 @@ async def test_one_process_serves_xds_over_tls_and_reconciles(
                 ),
                 "the service's waypoint over xDS",
             )
-            assert manager.binding_table.waypoint_for_service("shop", "web") == ("shop", "waypoint")
+            # The controller's table is updated by its own work queue, which may trail xDS.
+            await eventually(
+                lambda: (
+                    manager.binding_table.waypoint_for_service("shop", "web")
+                    == ("shop", "waypoint")
+                ),
+                "the controller's binding",
+            )
             await manager.wait_idle()
             # Both come from the cache's one memoized computation (recomputed when a watched
             # object changes, e.g. by the controller's own Service status writes).

@@ -121,6 +121,7 @@ def test_typical_waypoint_defaults() -> None:
     objs = _by_kind(render(parse_gateway(gateway()), Params(), CONFIG))
     assert set(objs) == {
         "ServiceAccount",
+        "RoleBinding",
         "Deployment",
         "Service",
         "HorizontalPodAutoscaler",
@@ -167,8 +168,33 @@ def test_customised_copies_infrastructure_and_adds_rps_metric() -> None:
 def test_autoscaling_off_pins_replicas_and_drops_hpa_and_pdb() -> None:
     gw, params = CASES["autoscaling-off"]
     objs = _by_kind(render(parse_gateway(gw), params, CONFIG))
-    assert set(objs) == {"ServiceAccount", "Deployment", "Service"}
+    assert set(objs) == {"ServiceAccount", "RoleBinding", "Deployment", "Service"}
     assert objs["Deployment"]["spec"]["replicas"] == 3
+
+
+def test_role_binding_lets_the_waypoint_account_read_its_namespace() -> None:
+    objs = _by_kind(render(parse_gateway(gateway()), Params(), CONFIG))
+    rb = objs["RoleBinding"]
+    assert rb["metadata"]["namespace"] == "shop"
+    assert rb["metadata"]["labels"][MANAGED_LABEL]
+    assert rb["metadata"]["ownerReferences"][0]["kind"] == "Gateway"
+    assert rb["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "ambient-waypoint-proxy",
+    }
+    account = objs["Deployment"]["spec"]["template"]["spec"]["serviceAccountName"]
+    assert rb["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": "shop"}]
+    assert objs["ServiceAccount"]["metadata"]["name"] == account
+
+
+def test_role_binding_can_be_switched_off_and_is_never_overlaid() -> None:
+    off = render(parse_gateway(gateway()), Params(), RenderConfig(proxy_cluster_role=""))
+    assert "RoleBinding" not in {o["kind"] for o in off}
+    # No overlay key reaches the RoleBinding, whatever the ConfigMap says.
+    params = parse_params(configmap("p", deployment="metadata: {annotations: {a: b}}"))
+    objs = _by_kind(render(parse_gateway(gateway()), params, CONFIG))
+    assert "annotations" not in objs["RoleBinding"]["metadata"]
 
 
 @pytest.mark.parametrize(

@@ -88,10 +88,15 @@ def test_rbac_is_least_privilege_and_sufficient() -> None:
         ], rt.kind
     for rt in (kinds.GATEWAY, kinds.GATEWAY_CLASS, kinds.NAMESPACE, kinds.POD, kinds.CONFIG_MAP):
         assert {"get", "list", "watch"} <= granted[(rt.group, rt.plural)], rt.kind
-        if rt in (kinds.NAMESPACE, kinds.POD, kinds.CONFIG_MAP):
+        if rt in (kinds.NAMESPACE, kinds.POD):
             assert granted[(rt.group, rt.plural)] == {"get", "list", "watch"}, (
                 f"{rt.kind} is read-only"
             )
+    # Root certificates: created when missing, server-side applied; never replaced or deleted.
+    assert granted[("", "configmaps")] == {"get", "list", "watch", "create", "patch"}
+    # Binding the waypoint proxy's role without `bind` needs its (read-only) rights.
+    for plural in ("httproutes", "grpcroutes"):
+        assert granted[("gateway.networking.k8s.io", plural)] == {"list", "watch"}
     for group, plural in (
         ("gateway.networking.k8s.io", "gateways/status"),
         ("gateway.networking.k8s.io", "gatewayclasses/status"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from e2e.fakekube import FakeApiServer
 from waypoint.manager.client import AsyncKubeClient, connect
 from waypoint.proxy.app import L7Sources
 from waypoint.proxy.config import L7Config
-from waypoint.proxy.kubesource import KubeL7Source
+from waypoint.proxy.kubesource import KubeL7Source, watch_namespaces
 from waypoint.proxy.telemetry import Telemetry
 
 pytestmark = pytest.mark.timeout(30)
@@ -246,3 +247,94 @@ async def test_broken_connection_recovers(server: FakeApiServer, running: Runnin
     # Whether the re-watch hit the dead server (error, relist) or the new one (resume), the
     # view converges on what the API holds.
     await running.until(lambda: running.routes() == ["during"], "recovery", timeout=10)
+
+
+# --- which namespaces ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, None),
+        ({"POD_NAMESPACE": "shop"}, ("shop",)),
+        ({"POD_NAMESPACE": "shop", "WAYPOINT_WATCH_NAMESPACES": "shop, web,shop"}, ("shop", "web")),
+        ({"POD_NAMESPACE": "shop", "WAYPOINT_WATCH_NAMESPACES": "*"}, None),
+        ({"WAYPOINT_WATCH_NAMESPACES": " "}, None),
+    ],
+    ids=["local-mode-all", "own-namespace", "widened-list", "widened-all", "blank-is-unset"],
+)
+def test_watch_namespaces_from_the_environment(
+    env: dict[str, str], expected: tuple[str, ...] | None
+) -> None:
+    assert watch_namespaces(env) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"WAYPOINT_WATCH_NAMESPACES": "shop,Bad_Name"}, "WAYPOINT_WATCH_NAMESPACES: 'Bad_Name'"),
+        ({"WAYPOINT_WATCH_NAMESPACES": ",,"}, "WAYPOINT_WATCH_NAMESPACES: no namespace"),
+        ({"POD_NAMESPACE": "a/b"}, "POD_NAMESPACE: 'a/b' is not a namespace name"),
+    ],
+    ids=["bad-name", "empty-list", "bad-pod-namespace"],
+)
+def test_bad_namespaces_are_refused_with_the_variable_named(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        watch_namespaces(env)
+
+
+async def test_default_scope_is_the_pods_own_namespace(
+    server: FakeApiServer, api, monkeypatch
+) -> None:
+    """A waypoint pod (POD_NAMESPACE set) lists and watches only its namespace."""
+    server.put_object({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "web"}})
+    server.put_object(http_route("mine", "/mine"))
+    server.put_object(http_route("theirs", "/theirs", ns="web"))
+    monkeypatch.setenv("POD_NAMESPACE", "shop")
+    monkeypatch.delenv("WAYPOINT_WATCH_NAMESPACES", raising=False)
+    seen: list[dict[str, list[Any]]] = []
+    source = KubeL7Source(api, lambda objs: seen.append(dict(objs)), retry_delay=0.05)
+    assert source.namespaces == ("shop",)
+    assert {ns for _, ns in source.scopes} == {"shop"}
+    await source.initial()
+    assert [r["metadata"]["name"] for r in seen[-1]["httpRoutes"]] == ["mine"]
+
+
+async def test_several_namespaces_are_watched_each_on_its_own(server: FakeApiServer, api) -> None:
+    for name in ("web", "elsewhere"):
+        server.put_object({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    server.put_object(http_route("a", "/a"))
+    server.put_object(http_route("b", "/b", ns="web"))
+    server.put_object(http_route("c", "/c", ns="elsewhere"))
+    seen: list[dict[str, list[Any]]] = []
+
+    def names() -> list[str]:
+        return sorted(r["metadata"]["name"] for r in seen[-1]["httpRoutes"]) if seen else []
+
+    source = KubeL7Source(
+        api, lambda objs: seen.append(dict(objs)), namespaces=["shop", "web"], retry_delay=0.05
+    )
+    await source.initial()
+    assert names() == ["a", "b"]
+    task = asyncio.create_task(source.run())
+    try:
+        server.put_object(http_route("b2", "/b2", ns="web"))
+        server.put_object(http_route("c2", "/c2", ns="elsewhere"))
+        server.delete_object(GW, "HTTPRoute", "a", "shop")
+        deadline = time.monotonic() + 5
+        while names() != ["b", "b2"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert names() == ["b", "b2"]
+        # A 410 relist of one namespace keeps the other namespace's objects.
+        server.store.compact_history()
+        await source._relist(("httpRoutes", "shop"))
+        assert names() == ["b", "b2"]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    wide = KubeL7Source(api, lambda objs: seen.append(dict(objs)), namespaces="*")
+    await wide.initial()
+    assert names() == ["b", "b2", "c", "c2"]

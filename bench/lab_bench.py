@@ -9,8 +9,10 @@ One lab (the default spec), one run, three paths between two nodes:
   otherwise pick.
 
 For each: iperf3 throughput (one stream), and request/response rate and p50/p99 latency from a
-Python load generator (``bench.lab_load``, 16 connections, 64-byte echo). Printed as a table with
-ratios to direct, plus ztunnel CPU seconds per GB moved (both nodes' ztunnels during the mesh
+Python load generator (``bench.lab_load``, 16 connections, 64-byte echo), and the new-connection rate
+(``bench.lab_load connect``: a fresh connection per 64-byte exchange; stunnel then pays a TLS handshake
+per connection, the mesh reuses pooled HBONE connections). Printed as a table with ratios to direct,
+plus ztunnel CPU milliseconds per new mesh connection, ztunnel CPU seconds per GB moved (both nodes' ztunnels during the mesh
 iperf3) and ztunnel RSS per open connection (200 idle connections held through the mesh).
 
 L7 (HTTP/1.1 keep-alive, ``bench.lab_load http``, 8 connections, ``GET /`` answered by the same
@@ -148,6 +150,17 @@ def _rr(lab: Lab, pod: str, host: str, port: int, seconds: float) -> dict[str, f
     return result
 
 
+def _connect_rate(lab: Lab, pod: str, host: str, port: int, seconds: float) -> dict[str, float]:
+    """``bench.lab_load connect``: a new TCP connection per 64-byte exchange (per-connection cost)."""
+    argv = [lab.python, "-m", "bench.lab_load", "connect", "--host", host, "--port", str(port),
+            "--conns", "16", "--seconds", str(seconds)]  # fmt: skip
+    proc = lab.exec(pod, argv, timeout=seconds + 30)
+    if proc.returncode != 0:
+        raise RuntimeError(f"connect load generator in {pod}: {proc.stderr}")
+    result: dict[str, float] = json.loads(proc.stdout)
+    return result
+
+
 def _http(lab: Lab, pod: str, host: str, port: int, seconds: float) -> dict[str, float]:
     argv = [lab.python, "-m", "bench.lab_load", "http", "--host", host, "--port", str(port),
             "--conns", str(HTTP_CONNS), "--seconds", str(seconds)]  # fmt: skip
@@ -243,13 +256,18 @@ def run(seconds: float, hold_conns: int, *, l7_only: bool = False) -> dict[str, 
             results: dict[str, dict[str, float]] = {}
             zt = _ztunnels(lab)
             cpu_per_gb = 0.0
+            cpu_per_conn_ms = float("nan")
             for name, (pod, host, iport, eport) in paths.items():
                 cpu0 = _cpu(zt)
                 bps, nbytes = _iperf(lab, pod, host, iport, seconds)
                 if name == "mesh":
                     cpu_per_gb = (_cpu(zt) - cpu0) / (nbytes / 1e9) if nbytes else 0.0
                 rr = _rr(lab, pod, host, eport, seconds)
-                results[name] = {"gbps": bps / 1e9, **rr}
+                cpu0 = _cpu(zt)
+                conn = _connect_rate(lab, pod, host, eport, seconds)
+                if name == "mesh" and conn["requests"]:
+                    cpu_per_conn_ms = (_cpu(zt) - cpu0) * 1000 / conn["requests"]
+                results[name] = {"gbps": bps / 1e9, **rr, "conn_rps": conn["rps"]}
             # RSS per open connection through the mesh.
             rss0 = _rss(zt)
             holder = subprocess.Popen(
@@ -269,6 +287,7 @@ def run(seconds: float, hold_conns: int, *, l7_only: bool = False) -> dict[str, 
             "l7": l7,
             "paths": results,
             "cpu_s_per_gb": cpu_per_gb,
+            "cpu_ms_per_conn": cpu_per_conn_ms,
             "rss_per_conn_kib": rss_per_conn / 1024,
             "held": line.strip(),
         }
@@ -305,17 +324,19 @@ def table(res: dict[str, object]) -> str:
     assert isinstance(paths, dict)
     d = paths["direct"]
     lines = [
-        f"{'path':<9} {'iperf3 Gb/s':>11} {'x direct':>8} {'req/s':>9} {'x direct':>8} {'p50 us':>8} {'p99 us':>8} {'errors':>6}",
+        f"{'path':<9} {'iperf3 Gb/s':>11} {'x direct':>8} {'req/s':>9} {'x direct':>8} {'p50 us':>8} {'p99 us':>8} {'errors':>6} {'new conn/s':>10} {'x direct':>8}",
     ]
     for name, r in paths.items():
         lines.append(
             f"{name:<9} {r['gbps']:>11.2f} {r['gbps'] / d['gbps']:>8.2f} {r['rps']:>9.0f} {r['rps'] / d['rps']:>8.2f} "
-            f"{r['p50_us']:>8.0f} {r['p99_us']:>8.0f} {r['errors']:>6.0f}"
+            f"{r['p50_us']:>8.0f} {r['p99_us']:>8.0f} {r['errors']:>6.0f} {r['conn_rps']:>10.0f} {r['conn_rps'] / d['conn_rps']:>8.2f}"
         )
     m, s = paths["mesh"], paths["stunnel"]
     lines += [
         "",
-        f"mesh vs stunnel: throughput x{m['gbps'] / s['gbps']:.2f}, request rate x{m['rps'] / s['rps']:.2f}",
+        f"mesh vs stunnel: throughput x{m['gbps'] / s['gbps']:.2f}, request rate x{m['rps'] / s['rps']:.2f}, "
+        f"new connections x{m['conn_rps'] / s['conn_rps']:.2f}",
+        f"ztunnel CPU per new mesh connection (both nodes): {res['cpu_ms_per_conn']:.2f} ms",
         f"ztunnel CPU seconds per GB (both nodes, mesh iperf3): {res['cpu_s_per_gb']:.2f}",
         f"ztunnel RSS per open connection (both nodes, {res['held']}): {res['rss_per_conn_kib']:.1f} KiB",
         "",

@@ -4,6 +4,9 @@
 sends ``size`` bytes and waits for them to come back (an echo server), as fast as it can; prints JSON
 ``{"requests", "seconds", "rps", "p50_us", "p99_us", "errors"}``.
 
+``python -m bench.lab_load connect --host H --port P --conns 16 --seconds 3 --size 64``: like ``rr`` but
+every request is a new TCP connection (connect, one exchange, close): the per-connection cost.
+
 ``python -m bench.lab_load http --host H --port P --conns 8 --seconds 3 --path /``: each connection is
 an HTTP/1.1 keep-alive connection sending ``GET path`` and reading the whole response, as fast as it
 can (a small ``wrk``); same JSON, where a response other than 200 counts as an error.
@@ -41,6 +44,28 @@ async def _rr_worker(
         errors.append(repr(exc))
     finally:
         writer.close()
+
+
+async def _connect_worker(
+    host: str, port: int, size: int, end: float, lat: list[float], errors: list[str]
+) -> None:
+    payload = b"x" * size
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError as exc:
+            errors.append(repr(exc))
+            await asyncio.sleep(0.01)  # e.g. ephemeral ports exhausted: do not spin
+            continue
+        try:
+            writer.write(payload)
+            await reader.readexactly(size)
+            lat.append(time.perf_counter() - t0)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            errors.append(repr(exc))
+        finally:
+            writer.close()
 
 
 async def _http_worker(
@@ -83,6 +108,12 @@ def _parse_head(head: bytes) -> tuple[int, int]:
 async def rr(host: str, port: int, conns: int, seconds: float, size: int) -> dict[str, float]:
     return await _measure(
         lambda end, lat, errors: _rr_worker(host, port, size, end, lat, errors), conns, seconds
+    )
+
+
+async def connect(host: str, port: int, conns: int, seconds: float, size: int) -> dict[str, float]:
+    return await _measure(
+        lambda end, lat, errors: _connect_worker(host, port, size, end, lat, errors), conns, seconds
     )
 
 
@@ -132,7 +163,7 @@ async def hold(host: str, port: int, conns: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.lab_load")
-    parser.add_argument("mode", choices=["rr", "http", "hold"])
+    parser.add_argument("mode", choices=["rr", "connect", "http", "hold"])
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--conns", type=int, default=16)
@@ -143,6 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "rr":
         print(
             json.dumps(asyncio.run(rr(args.host, args.port, args.conns, args.seconds, args.size)))
+        )
+    elif args.mode == "connect":
+        print(
+            json.dumps(
+                asyncio.run(connect(args.host, args.port, args.conns, args.seconds, args.size))
+            )
         )
     elif args.mode == "http":
         print(

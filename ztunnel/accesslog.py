@@ -116,7 +116,10 @@ class AccessLog:
         self.sink = sink
 
     def write(self, entry: AccessEntry) -> None:
+        level = logging.ERROR if entry.error else logging.INFO
+        if self.sink is None and not ACCESS_LOGGER.isEnabledFor(level):
+            return  # nobody would read it: skip the formatting (a dozen json.dumps per line)
         line = format_entry(entry, self.format)
-        ACCESS_LOGGER.log(logging.ERROR if entry.error else logging.INFO, "%s", line)
+        ACCESS_LOGGER.log(level, "%s", line)
         if self.sink is not None:
             self.sink(line)

@@ -140,6 +140,10 @@ class HboneConnection:
             header_encoding=None,
             validate_inbound_headers=client_side,
             normalize_inbound_headers=True,
+            # Rule 8: every header list we send is built by ``headers`` (pseudo-headers first,
+            # lower-case token names, values checked there), so h2 re-checking costs time only.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         conn = _H2(config=config)
         initial: dict[SettingCodes, int] = {

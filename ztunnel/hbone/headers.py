@@ -9,6 +9,7 @@ exactly one ``:method`` (CONNECT) and ``:authority``, no ``:scheme``/``:path``/`
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -92,22 +93,44 @@ def validate_connect_request(raw: RawHeaders) -> ConnectRequest:
 def connect_request_headers(
     authority: Authority | str, extra: Iterable[tuple[str, str]] = ()
 ) -> list[tuple[bytes, bytes]]:
-    """Header list of an HBONE CONNECT to ``authority`` plus ``extra`` (baggage, forwarded, ...)."""
+    """Header list of an HBONE CONNECT to ``authority`` plus ``extra`` (baggage, forwarded, ...).
+
+    h2's outbound validation is off (``connection`` rule 8), so this is where a list we send is
+    made valid: ``extra`` is checked by :func:`outgoing_header` (ValueError naming the header)."""
     target = authority if isinstance(authority, Authority) else parse_authority(authority)
     headers = [(b":method", b"CONNECT"), (b":authority", str(target).encode("ascii"))]
-    headers.extend((k.lower().encode("ascii"), v.encode("ascii")) for k, v in extra)
+    headers.extend(outgoing_header(k, v) for k, v in extra)
     return headers
 
 
 def response_headers(
     status: int, extra: Iterable[tuple[str, str]] = ()
 ) -> list[tuple[bytes, bytes]]:
-    """Header list of a CONNECT response with ``status``."""
+    """Header list of a CONNECT response with ``status`` (``extra`` checked as for requests)."""
     if not 200 <= status <= 599:
         raise ValueError(f"status {status} is not a final HTTP status")
     headers = [(b":status", str(status).encode("ascii"))]
-    headers.extend((k.lower().encode("ascii"), v.encode("ascii")) for k, v in extra)
+    headers.extend(outgoing_header(k, v) for k, v in extra)
     return headers
+
+
+@functools.lru_cache(maxsize=1024)
+def outgoing_header(name: str, value: str) -> tuple[bytes, bytes]:
+    """One regular header we send, as bytes: name lower-cased, value stripped of edge blanks (what
+    h2's normalisation did), then held to the rules :func:`validate_connect_request` applies to
+    what we receive. Raises ValueError naming the header. Cached: the same few recur per tunnel."""
+    try:
+        raw_name = name.lower().encode("ascii")
+        raw_value = value.strip(" \t").encode("ascii")
+    except UnicodeEncodeError:
+        raise ValueError(f"outgoing header {name!r}: name and value must be ASCII") from None
+    if not _NAME.fullmatch(raw_name):
+        raise ValueError(f"outgoing header {name!r}: name is not a token (or is a pseudo-header)")
+    if raw_name in _CONNECTION_SPECIFIC:
+        raise ValueError(f"outgoing header {name!r}: connection-specific, not allowed in HTTP/2")
+    if _BAD_VALUE.search(raw_value):
+        raise ValueError(f"outgoing header {name!r}: value contains CR, LF or NUL")
+    return raw_name, raw_value
 
 
 def decode_headers(raw: RawHeaders) -> tuple[tuple[str, str], ...]:

@@ -184,9 +184,24 @@ class HboneStream:
             raise TunnelError(f"stream {self.stream_id}: write after write_eof")
         if not data:
             return
+        proto = self.proto
+        conn = proto.conn
+        if not self._send and not proto._paused and not conn.closed:
+            # Fast path (every small write of a request/response exchange): nothing queued, so
+            # hand the bytes straight to the core; only a remainder the windows refuse is queued.
+            try:
+                taken = conn.send_data(self.stream_id, data)
+            except HboneError as err:
+                self._on_error(TunnelError(str(err)))
+                return
+            self.bytes_sent += taken
+            proto.flush_soon()
+            if taken == len(data):
+                return
+            data = memoryview(data)[taken:]
         self._send.append(data if isinstance(data, memoryview) else memoryview(data))
         self._send_buffered += len(data)
-        self.proto.pump(self)
+        proto.pump(self)
 
     def write_eof(self) -> None:
         """Half-close our direction once queued data is sent."""
@@ -257,6 +272,7 @@ class HboneProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._in_callback = False
+        self._flush_soon = False
 
     # ---------------------------------------------------------------- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -319,6 +335,22 @@ class HboneProtocol(asyncio.Protocol):
             self.ready.set_exception(exc)
             self.ready.exception()
 
+    def flush_soon(self) -> None:
+        """Write pending output at the end of this loop iteration (one TLS record, one syscall).
+
+        Every TCP read of a spliced connection queues a DATA frame; with many tunnels on one
+        connection the reads of one loop iteration then share a single TLS record and ``send``
+        instead of one each (bench.lab_bench / bench.hbone_loopback request rate). Ordering is kept: all output goes through
+        the core's single queue, and a synchronous ``flush()`` (close, reset) takes it all."""
+        if self._in_callback or self._flush_soon:
+            return  # data_received flushes at its end / already scheduled
+        self._flush_soon = True
+        self.loop.call_soon(self._flush_deferred)
+
+    def _flush_deferred(self) -> None:
+        self._flush_soon = False
+        self.flush()
+
     def flush(self) -> None:
         transport = self.transport
         if transport is None or self._in_callback:
@@ -358,7 +390,7 @@ class HboneProtocol(asyncio.Protocol):
         self._arm_timer()
 
     def _dispatch(self, event: Event) -> None:
-        if isinstance(event, DataReceived):
+        if type(event) is DataReceived:  # the hot path: exact type, no isinstance chain
             stream = self.streams.get(event.stream_id)
             if stream is None:
                 self.conn.acknowledge_data(event.stream_id, event.flow_controlled_length)
@@ -425,7 +457,7 @@ class HboneProtocol(asyncio.Protocol):
 
     def ack(self, stream_id: int, nbytes: int) -> None:
         self.conn.acknowledge_data(stream_id, nbytes)
-        self.flush()
+        self.flush_soon()
 
     def pump(self, stream: HboneStream) -> None:
         """Move a stream's queued data into the core as far as windows and the transport allow."""
@@ -456,7 +488,7 @@ class HboneProtocol(asyncio.Protocol):
             self._blocked.add(stream)
         else:
             self._blocked.discard(stream)
-        self.flush()
+        self.flush_soon()
         stream._wake_drain()
         if stream._local_ended:
             stream._maybe_closed()

@@ -16,7 +16,6 @@ already checked the client's trust domain), in Istio's order:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import time
@@ -27,7 +26,7 @@ from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.metrics import Reporter, ResponseFlags, TrafficLabels, traffic_labels
 from ztunnel.proxy.connections import ProxyContext, TrackedConnection
 from ztunnel.proxy.hbone_server import Accept, Reject, TunnelHandle, TunnelRequest, TunnelStats
-from ztunnel.proxy.socket_factory import Endpoint, SocketFactory, family_of, unmap
+from ztunnel.proxy.socket_factory import Endpoint, SocketFactory, family_of, parse_ip
 from ztunnel.state.authz import ConnectionAttrs
 from ztunnel.state.inbound import InboundReject, resolve_inbound_hbone
 from ztunnel.state.model import IPAddress, Workload
@@ -54,8 +53,8 @@ def ip_of(address: object) -> IPAddress | None:
     """The IP of a socket address tuple as asyncio reports it (None if it is not one)."""
     if isinstance(address, tuple) and address:
         try:
-            return unmap(ipaddress.ip_address(address[0]))
-        except ValueError:
+            return parse_ip(address[0])
+        except (ValueError, TypeError):
             return None
     return None
 

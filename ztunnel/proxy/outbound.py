@@ -327,7 +327,7 @@ class Outbound:
                     else ""
                 ),
             ),
-            ("traceparent", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"),
+            ("traceparent", _traceparent()),
         ]
         if own.baggage:
             headers.append(("baggage", own.baggage))
@@ -479,6 +479,12 @@ def _identities(uris: tuple[str, ...]) -> frozenset[SpiffeId]:
         with contextlib.suppress(SpiffeIdError):
             out.append(SpiffeId.parse(uri))
     return frozenset(out)
+
+
+def _traceparent() -> str:
+    """A fresh W3C traceparent (trace id 16 bytes, span id 8): one getrandom call, not two."""
+    ids = secrets.token_hex(24)
+    return f"00-{ids[:32]}-{ids[32:]}-00"
 
 
 def _baggage(w: Workload) -> str:

@@ -28,6 +28,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import ipaddress
 import os
 import socket
@@ -402,22 +403,41 @@ def original_destination(sock: socket.socket) -> Endpoint:
     with contextlib.suppress(OSError):
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
         port, packed = struct.unpack_from("!2xH4s", raw)
-        return Endpoint(ipaddress.IPv4Address(packed), port)
+        return Endpoint(_packed_ip(packed), port)
     with contextlib.suppress(OSError):
         raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
         port, packed = struct.unpack_from("!2xH4x16s", raw)
-        return Endpoint(unmap(ipaddress.IPv6Address(packed)), port)
+        return Endpoint(_packed_ip(packed), port)
     return local_endpoint(sock)
 
 
 def local_endpoint(sock: socket.socket) -> Endpoint:
     host, port = sock.getsockname()[:2]
-    return Endpoint(unmap(ipaddress.ip_address(host)), port)
+    return Endpoint(parse_ip(host), port)
 
 
 def peer_endpoint(sock: socket.socket) -> Endpoint:
     host, port = sock.getpeername()[:2]
-    return Endpoint(unmap(ipaddress.ip_address(host)), port)
+    return Endpoint(parse_ip(host), port)
+
+
+# The same few pod and node addresses recur on every connection; ``ipaddress`` parsing costs a few
+# microseconds each time and the objects are immutable, so they are cached (bounded).
+IP_CACHE_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=IP_CACHE_SIZE)
+def parse_ip(text: str) -> IPAddress:
+    """``text`` (as a socket reports it) as an IP address, IPv4-mapped IPv6 unmapped.
+
+    Raises ValueError for something that is not an IP address (never cached)."""
+    return unmap(ipaddress.ip_address(text))
+
+
+@functools.lru_cache(maxsize=IP_CACHE_SIZE)
+def _packed_ip(packed: bytes) -> IPAddress:
+    """4 or 16 packed bytes (SO_ORIGINAL_DST) as an IP address, IPv4-mapped IPv6 unmapped."""
+    return unmap(ipaddress.ip_address(packed))
 
 
 def unmap(ip: IPAddress) -> IPAddress:

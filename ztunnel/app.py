@@ -52,6 +52,7 @@ from ztunnel import config as zc
 from ztunnel.accesslog import AccessLog, LogFormat
 from ztunnel.admin import Admin, serialize
 from ztunnel.drain import DEFAULT_DEADLINE, Drain
+from ztunnel.hbone.guard import DEFAULT_LISTENER_LIMITS, ListenerLimits
 from ztunnel.identity import tls
 from ztunnel.identity.ca import CaClient, LocalCa, LocalCaClient
 from ztunnel.identity.manager import CertificateManager, CertificateUnavailable
@@ -224,6 +225,8 @@ class AppConfig:
     pod_retry_interval: float = 5.0  # a pending pod is retried this often (Istio: 5 s)
     rules: RuleProgrammer | None = None
     pod_sockets: Callable[[str], SocketFactory] | None = None
+    # Connection caps of each pod's HBONE listener (global and per source identity).
+    listener_limits: ListenerLimits = DEFAULT_LISTENER_LIMITS
 
 
 class AppError(Exception):
@@ -306,6 +309,7 @@ class WorkloadProxy:
                     trust_domain=self.workload.trust_domain or zc.DEFAULT_TRUST_DOMAIN,
                     on_connect=self.inbound.on_connect,
                     on_tunnel_closed=self.inbound.on_closed,
+                    listener_limits=self.config.listener_limits,
                 )
                 sock = self.factory.listener(Endpoint(host, ports.inbound))
                 self._hbone_sockets.append(sock)
@@ -375,6 +379,7 @@ class App:
         self.config = config
         self.store = WorkloadStore()
         self.metrics = Metrics()
+        self.metrics.watch_hbone_listeners(self._hbone_counters)
         self.readiness = Readiness()
         self.drain = Drain(deadline=config.drain_deadline)
         self.access_log = AccessLog(config.log_format, sink=config.access_log_sink)
@@ -736,6 +741,18 @@ class App:
             proxy = self.proxies.get(uid)
             entry["listeners"] = proxy.describe()["listeners"] if proxy is not None else []
         return states
+
+    def _hbone_counters(self) -> dict[str, int]:
+        """The HBONE listeners' counters summed over this node's pods (for /metrics).
+
+        A pod that goes away takes its counts with it; Prometheus' rate() treats that as a reset.
+        """
+        total: dict[str, int] = {}
+        for proxy in list(self.proxies.values()):
+            for server in proxy.servers:
+                for key, value in server.counters().items():
+                    total[key] = total.get(key, 0) + value
+        return total
 
     def config_dump(self) -> dict[str, Any]:
         certificates = [

@@ -33,6 +33,7 @@ from typing import Any
 from ztunnel import config as zc
 from ztunnel.accesslog import LogFormat
 from ztunnel.drain import DEFAULT_DEADLINE
+from ztunnel.hbone.guard import DEFAULT_LISTENER_LIMITS, ListenerLimits
 
 SECTIONS = ("workloads", "services", "policies", "certificates", "connections")
 
@@ -238,6 +239,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--drain-deadline", type=float, default=DEFAULT_DEADLINE)
     run.add_argument("--no-socks5", action="store_true", help="no SOCKS5 listener (15080)")
     run.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_LISTENER_LIMITS.max_connections,
+        help="HBONE connections each pod's 15008 listener holds at once",
+    )
+    run.add_argument(
+        "--max-connections-per-identity",
+        type=int,
+        default=DEFAULT_LISTENER_LIMITS.max_connections_per_identity,
+        help="HBONE connections one source identity may hold to a pod at once",
+    )
+    run.add_argument(
         "--rules-backend",
         choices=["auto", "nft", "iptables"],
         default="auto",
@@ -310,6 +323,14 @@ async def _run(args: argparse.Namespace) -> int:
         log.error("start-up failed: no certificate authority: give --ca-dir or --ca-address")
         return 1
 
+    try:
+        listener_limits = ListenerLimits(
+            max_connections=args.max_connections,
+            max_connections_per_identity=args.max_connections_per_identity,
+        )
+    except ValueError as err:
+        log.error("bad flag: %s", err)
+        return 2
     config = AppConfig(
         config_path=args.config,
         node=kube.get("node", args.node),
@@ -328,6 +349,7 @@ async def _run(args: argparse.Namespace) -> int:
         socks5=not args.no_socks5,
         inpod=InpodConfig(backend=Backend(args.rules_backend)),
         pod_retry_interval=args.pod_retry_interval,
+        listener_limits=listener_limits,
     )
     try:
         app = App(config)

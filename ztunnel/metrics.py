@@ -259,6 +259,10 @@ class Metrics:
         """Export the node agent's counters (its ``snapshot()["counters"]``) on every scrape."""
         self.registry.register(_WorkloadManagerCollector(counters))
 
+    def watch_hbone_listeners(self, counters: Callable[[], Mapping[str, int]]) -> None:
+        """Export the HBONE listeners' own counters (caps, guard trips) on every scrape."""
+        self.registry.register(_HboneListenerCollector(counters))
+
     # -- exposition -------------------------------------------------------------------------
 
     def render(self) -> bytes:
@@ -306,3 +310,53 @@ class _WorkloadManagerCollector:
             yield GaugeMetricFamily(f"workload_manager_{key}", doc, value=number(key))
         for key, doc in self.COUNTERS.items():
             yield CounterMetricFamily(f"workload_manager_{key}", doc, value=number(f"{key}_total"))
+
+
+class _HboneListenerCollector:
+    """``ztunnel_hbone_*``: what the HBONE listeners accepted, refused and cut off.
+
+    Not Istio metrics (Istio's ztunnel has no connection caps or H2 guard); named for this project.
+    """
+
+    def __init__(self, counters: Callable[[], Mapping[str, int]]) -> None:
+        self._counters = counters
+
+    def describe(self) -> list[Metric]:
+        return list(self._families({}))
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(self._counters())
+
+    @staticmethod
+    def _families(values: Mapping[str, int]) -> Iterator[Metric]:
+        def number(key: str) -> float:
+            return float(values.get(key, 0))
+
+        yield CounterMetricFamily(
+            "ztunnel_hbone_connections_accepted",
+            "TCP connections accepted on HBONE listeners",
+            value=number("connections_accepted"),
+        )
+        yield CounterMetricFamily(
+            "ztunnel_hbone_handshake_failures",
+            "HBONE connections that failed TLS or the peer identity check",
+            value=number("handshake_failures"),
+        )
+        rejected = CounterMetricFamily(
+            "ztunnel_hbone_connections_rejected",
+            "HBONE connections closed at once by a connection cap",
+            labels=("cap",),
+        )
+        rejected.add_metric(("global",), number("connections_rejected_global"))
+        rejected.add_metric(("identity",), number("connections_rejected_identity"))
+        yield rejected
+        yield GaugeMetricFamily(
+            "ztunnel_hbone_connections_open",
+            "HBONE connections open now",
+            value=number("connections_open"),
+        )
+        yield CounterMetricFamily(
+            "ztunnel_hbone_guard_trips",
+            "HBONE connections ended by an HTTP/2 guard limit (floods, resets, header abuse)",
+            value=number("guard_trips"),
+        )

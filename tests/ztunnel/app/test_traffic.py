@@ -388,3 +388,23 @@ async def test_no_source_certificate_refuses_with_identity_error(tmp_path):
     finally:
         a.drain.deadline = 0.2
         await asyncio.wait_for(a.stop(), 10)
+
+
+async def test_hbone_listener_limits_and_counters_are_wired(tmp_path):
+    from ztunnel.hbone.guard import ListenerLimits
+
+    limits = ListenerLimits(max_connections=7, max_connections_per_identity=3)
+    async with mesh(tmp_path, b_overrides={"listener_limits": limits}) as m:
+        reader, writer = await socks_connect(m.client_ip, m.server_ip, 8080)
+        assert await roundtrip(reader, writer, b"counted") == b"counted"
+        writer.close()
+        servers = [s for proxy in m.b.proxies.values() for s in proxy.servers]
+        assert servers
+        assert all(s.caps.limits == limits for s in servers)
+        # The pooled HBONE connection from node A stays open; nothing was refused or cut off.
+        assert m.b.metrics.value("ztunnel_hbone_connections_accepted_total") == 1
+        assert m.b.metrics.value("ztunnel_hbone_connections_open") == 1
+        for cap in ("global", "identity"):
+            assert m.b.metrics.value("ztunnel_hbone_connections_rejected_total", {"cap": cap}) == 0
+        assert m.b.metrics.value("ztunnel_hbone_guard_trips_total") == 0
+        assert b"ztunnel_hbone_connections_accepted_total 1.0" in m.b.metrics.render()

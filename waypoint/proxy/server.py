@@ -8,8 +8,8 @@ route with the pure core -> pick an endpoint of the chosen backend per request (
 connection) -> send upstream with timeouts, retries and mirrors -> apply response filters ->
 record telemetry. Decisions are the core's (`normalize`, `authz`, `routing`); this module does I/O.
 
-The HBONE server hands a tunnel over as a socket; the proxy keeps one end of a socketpair for the
-tunnel's bytes (the server's public API; a direct stream hand-off would save one copy).
+The HBONE server hands each accepted tunnel's `HboneStream` straight to the proxy
+(``AcceptStream``): the HTTP layers read and write the stream itself, with no socketpair copy.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import logging
 import random
 import re
 import secrets
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -60,7 +59,7 @@ from waypoint.proxy.routing import (
     Redirect,
     decide,
 )
-from waypoint.proxy.streams import AsyncioByteStream, ByteStream, PrefixedStream, splice
+from waypoint.proxy.streams import ByteStream, HboneByteStream, PrefixedStream, splice
 from waypoint.proxy.telemetry import (
     FLAG_BAD_REQUEST,
     FLAG_DOWNSTREAM_RESET,
@@ -78,7 +77,8 @@ from waypoint.proxy.telemetry import (
 from waypoint.proxy.upstream import Endpoint, UpstreamPool, pick_endpoint
 from ztunnel.hbone.errors import HboneError
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.proxy.hbone_server import Accept, Reject, TunnelRequest
+from ztunnel.proxy.h2io import HboneStream
+from ztunnel.proxy.hbone_server import AcceptStream, Reject, TunnelRequest
 from ztunnel.state.model import HealthStatus, Service, Workload
 from ztunnel.state.store import WorkloadStore
 
@@ -381,7 +381,7 @@ class WaypointProxy:
         )
 
     # ------------------------------------------------------------------ tunnels
-    async def on_connect(self, request: TunnelRequest) -> Accept | Reject:
+    async def on_connect(self, request: TunnelRequest) -> AcceptStream | Reject:
         """HboneServer callback: accept tunnels to known Services/pods, serve them in a task."""
         if self._draining:
             return Reject(status=503, reason="waypoint is draining")
@@ -390,17 +390,20 @@ class WaypointProxy:
         except Unroutable as err:
             log.info("HBONE CONNECT %s rejected: %s", request.authority, err.reason)
             return Reject(status=err.status, reason=err.reason)
-        ours, theirs = socket.socketpair()
-        try:
-            reader, writer = await asyncio.open_connection(sock=ours)
-        except BaseException:
-            ours.close()
-            theirs.close()
-            raise
-        task = asyncio.ensure_future(self.serve_tunnel(AsyncioByteStream(reader, writer), info))
-        self._tunnels.add(task)
-        task.add_done_callback(self._tunnels.discard)
-        return Accept(sock=theirs)
+
+        async def serve(stream: HboneStream) -> None:
+            # Runs in the HBONE server's tunnel task: tracked so close()/wait_idle() see it.
+            task = asyncio.current_task()
+            if task is not None:
+                self._tunnels.add(task)
+            try:
+                await self.serve_tunnel(HboneByteStream(stream), info)
+            finally:
+                if task is not None:
+                    self._tunnels.discard(task)
+
+        # The stream itself, not a socketpair: no extra copy and no syscalls per chunk.
+        return AcceptStream(handler=serve)
 
     async def serve_tunnel(self, stream: ByteStream, info: TunnelInfo) -> None:
         """Detect the protocol of one tunnel and serve it until it ends."""

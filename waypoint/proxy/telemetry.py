@@ -15,6 +15,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -181,6 +182,19 @@ def format_access(record: RequestRecord) -> str:
     return "request complete " + " ".join(parts)
 
 
+MAX_CACHED_LABEL_SETS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _Children:
+    """The four metric children of one label set."""
+
+    requests: Any
+    duration: Any
+    request_bytes: Any
+    response_bytes: Any
+
+
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
@@ -237,15 +251,54 @@ class Telemetry:
         )
         self.build = Gauge("istio_build", "Build information", ("component", "tag"), registry=r)
         self.build.labels(component="waypoint", tag="0.1.0").set(1)
-        self._access = access_log or (lambda line: ACCESS_LOGGER.info("%s", line))
+        self._access = access_log
+        # Metric children per label-input key: building 25 labels and four ``labels(**...)`` calls
+        # (each hashing the label tuple under a lock) was a large share of a request's CPU.
+        self._children: dict[tuple[object, ...], _Children] = {}
+
+    def _children_for(self, record: RequestRecord) -> _Children:
+        # The key holds the (frozen) objects themselves, so equal keys give identical labels.
+        key: tuple[object, ...] = (
+            record.source_workload,
+            record.source_identity,
+            record.destination_workload,
+            record.destination_identity,
+            record.service,
+            record.grpc,
+            record.status,
+            record.grpc_status,
+            record.flags,
+        )
+        try:
+            children = self._children.get(key)
+        except TypeError:  # an unhashable field (never with the model's frozen classes)
+            children = None
+            key = ()
+        if children is None:
+            labels = request_labels(record)
+            children = _Children(
+                self.requests.labels(**labels),
+                self.duration.labels(**labels),
+                self.request_bytes.labels(**labels),
+                self.response_bytes.labels(**labels),
+            )
+            if key:
+                if len(self._children) >= MAX_CACHED_LABEL_SETS:
+                    self._children.clear()  # bounded: workload churn leaves stale keys behind
+                self._children[key] = children
+        return children
 
     def record(self, record: RequestRecord) -> None:
-        labels = request_labels(record)
-        self.requests.labels(**labels).inc()
-        self.duration.labels(**labels).observe(record.duration * 1000.0)
-        self.request_bytes.labels(**labels).observe(record.request_bytes)
-        self.response_bytes.labels(**labels).observe(record.response_bytes)
-        self._access(format_access(record))
+        children = self._children_for(record)
+        children.requests.inc()
+        children.duration.observe(record.duration * 1000.0)
+        children.request_bytes.observe(record.request_bytes)
+        children.response_bytes.observe(record.response_bytes)
+        if self._access is not None:
+            self._access(format_access(record))
+        elif ACCESS_LOGGER.isEnabledFor(logging.INFO):
+            # Formatting only when the line will be written (the logger is off in the bench).
+            ACCESS_LOGGER.info("%s", format_access(record))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -156,3 +156,60 @@ httpRoutes:
 def test_split_document_rejects_unknown_keys() -> None:
     with pytest.raises(ConfigFileError, match="unknown top-level key"):
         split_document("httproutes: []\n", "lab.yaml")
+
+
+def _record(status: int, *, identity: str | None = "spiffe://cluster.local/ns/a/sa/b") -> object:
+    from waypoint.proxy.telemetry import RequestRecord
+    from ztunnel.identity.spiffe import SpiffeId
+
+    return RequestRecord(
+        source_workload=None,
+        source_identity=SpiffeId.parse(identity) if identity else None,
+        source_addr="10.0.0.1",
+        destination_workload=None,
+        destination_identity=None,
+        destination_addr=None,
+        service=None,
+        hbone_authority="10.0.0.2:80",
+        method="GET",
+        path="/",
+        authority="svc",
+        protocol="HTTP/1.1",
+        grpc=False,
+        status=status,
+        grpc_status=None,
+        flags="-",
+        request_bytes=0,
+        response_bytes=5,
+        duration=0.001,
+    )
+
+
+def test_telemetry_cached_children_match_uncached_labels() -> None:
+    """The per-label-set child cache counts exactly what fresh labels(**...) calls would."""
+    from waypoint.proxy.telemetry import Telemetry, request_labels
+
+    lines: list[str] = []
+    t = Telemetry(access_log=lines.append)
+    records = [_record(200), _record(200), _record(503), _record(200, identity=None)]
+    for r in records:
+        t.record(r)  # type: ignore[arg-type]
+    for status, identity, count in ((200, True, 2), (503, True, 1), (200, False, 1)):
+        rec = _record(status, identity=None if not identity else "spiffe://cluster.local/ns/a/sa/b")
+        labels = request_labels(rec)  # type: ignore[arg-type]
+        assert t.value("istio_requests_total", labels) == count
+        assert t.value("istio_response_bytes_sum", labels) == 5 * count
+    assert len(lines) == 4
+    assert all(line.startswith("request complete ") for line in lines)
+
+
+def test_telemetry_access_log_formatted_only_when_enabled(caplog: pytest.LogCaptureFixture) -> None:
+    from waypoint.proxy.telemetry import Telemetry
+
+    t = Telemetry()
+    with caplog.at_level("WARNING", logger="access"):
+        t.record(_record(200))  # type: ignore[arg-type]
+    assert not [r for r in caplog.records if r.name == "access"]
+    with caplog.at_level("INFO", logger="access"):
+        t.record(_record(200))  # type: ignore[arg-type]
+    assert [r for r in caplog.records if r.name == "access"]

@@ -58,7 +58,7 @@ from ztunnel.identity.ca import CaClient, LocalCa, LocalCaClient
 from ztunnel.identity.manager import CertificateManager, CertificateUnavailable
 from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.metrics import Metrics, Reporter
-from ztunnel.node.agent import LocalPods, NodeAgent, RuleProgrammer
+from ztunnel.node.agent import DEFAULT_RECHECK_INTERVAL, LocalPods, NodeAgent, RuleProgrammer
 from ztunnel.proxy.connections import ConnectionTracker, ProxyContext, TrackedConnection
 from ztunnel.proxy.hbone_server import HboneServer
 from ztunnel.proxy.inbound import InboundHbone
@@ -223,6 +223,8 @@ class AppConfig:
     plaintext_original_dst: OriginalDst | None = None  # loopback tests: no capture, say where
     inpod: InpodConfig = field(default_factory=InpodConfig)
     pod_retry_interval: float = 5.0  # a pending pod is retried this often (Istio: 5 s)
+    # Up pods' rules are verified (drift repaired) and netns identity checked this often; 0 = off.
+    pod_recheck_interval: float = DEFAULT_RECHECK_INTERVAL
     rules: RuleProgrammer | None = None
     pod_sockets: Callable[[str], SocketFactory] | None = None
     # Connection caps of each pod's HBONE listener (global and per source identity).
@@ -518,6 +520,7 @@ class App:
                 inpod=c.inpod,
                 readiness=self.readiness,
                 retry_interval=c.pod_retry_interval,
+                recheck_interval=c.pod_recheck_interval,
                 socket_factory=c.pod_sockets,
                 local_pods=c.local_pods,
             )

@@ -3,9 +3,10 @@
 ``ztunnel run --config FILE [--node NAME] [--ca-dir DIR | --ca-address HOST:PORT] [--admin-port N]
 [--metrics-port N] [--readiness-port N] [--placement inpod|loopback] [--log-format text|json]
 [--drain-deadline SECONDS] [--no-socks5] [--log-level LEVEL] [--rules-backend auto|nft|iptables]
-[--pod-retry-interval SECONDS]`` runs until SIGTERM/SIGINT or ``/quitquitquit`` and drains
-gracefully. With ``--placement inpod`` it programs each local pod's capture rules and listens inside
-the pod's network namespace (root needed).
+[--pod-retry-interval SECONDS] [--recheck-interval SECONDS]`` runs until SIGTERM/SIGINT or
+``/quitquitquit`` and drains gracefully. With ``--placement inpod`` it programs each local pod's
+capture rules and listens inside the pod's network namespace (root needed); every
+``--recheck-interval`` seconds (default 30, 0 = off) it re-verifies them and repairs drift.
 
 Kubernetes mode: ``ztunnel run --placement inpod`` without ``--config`` and with ``XDS_ADDRESS`` set
 (or ``--xds-address``) takes its workloads over xDS, its certificates from ``CA_ADDRESS`` and the
@@ -34,6 +35,9 @@ from ztunnel import config as zc
 from ztunnel.accesslog import LogFormat
 from ztunnel.drain import DEFAULT_DEADLINE
 from ztunnel.hbone.guard import DEFAULT_LISTENER_LIMITS, ListenerLimits
+
+# = ztunnel.node.agent.DEFAULT_RECHECK_INTERVAL, not imported here: `ztunnel config` stays light.
+DEFAULT_RECHECK_INTERVAL = 30.0
 
 SECTIONS = ("workloads", "services", "policies", "certificates", "connections")
 
@@ -206,6 +210,17 @@ def fetch_dump(admin: str, timeout: float = 5.0) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _recheck_interval(value: str) -> float:
+    """``--recheck-interval``: seconds, >= 0 (0 = off)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not seconds >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"{value!r} must be >= 0 (0 turns rechecks off)")
+    return seconds
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ztunnel", description="ambient-mode node proxy")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +276,13 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         help="inpod: seconds between retries of a pod whose start failed",
+    )
+    run.add_argument(
+        "--recheck-interval",
+        type=_recheck_interval,
+        default=DEFAULT_RECHECK_INTERVAL,
+        help="inpod: seconds between rechecks of running pods (rules repaired, recreated netns "
+        "restarted); 0 turns rechecks off",
     )
 
     cfg = sub.add_parser("config", help="show a running ztunnel's state")
@@ -349,6 +371,7 @@ async def _run(args: argparse.Namespace) -> int:
         socks5=not args.no_socks5,
         inpod=InpodConfig(backend=Backend(args.rules_backend)),
         pod_retry_interval=args.pod_retry_interval,
+        pod_recheck_interval=args.recheck_interval,
         listener_limits=listener_limits,
     )
     try:

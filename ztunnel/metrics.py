@@ -290,6 +290,9 @@ class _WorkloadManagerCollector:
     COUNTERS = {
         "proxies_started": "In-pod proxies started",
         "proxies_stopped": "In-pod proxies stopped",
+        "rules_repaired": "Pods whose capture rules a periodic recheck found drifted and rewrote",
+        "netns_changed": "Pods restarted because their netns path was recreated (new dev/inode)",
+        "rechecks": "Periodic rechecks of running pods completed",
     }
 
     def __init__(self, counters: Callable[[], Mapping[str, object]]) -> None:

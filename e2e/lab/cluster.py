@@ -112,6 +112,8 @@ class Lab:
     namespaces: list[str] = field(default_factory=list)
     inpod: InpodConfig = field(default_factory=InpodConfig)
     python: str = sys.executable
+    ztunnel_args: tuple[str, ...] = ()
+    """Extra ``ztunnel run`` flags for every ztunnel this lab starts (e.g. ``--recheck-interval``)."""
 
     # --- construction --------------------------------------------------------------------
 
@@ -124,6 +126,7 @@ class Lab:
         prefix: str | None = None,
         ztunnel: bool = True,
         log_level: str = "info",
+        ztunnel_args: Sequence[str] = (),
     ) -> Lab:
         if not isinstance(spec, LabSpec):
             spec = load_spec(spec)
@@ -132,7 +135,9 @@ class Lab:
         if (run_dir / STATE_FILE).exists():
             raise LabError(f"{run_dir}: a lab is already recorded there (run `ambient-lab down`)")
         run_dir.mkdir(parents=True, exist_ok=True)
-        lab = cls(spec=spec, run_dir=run_dir, names=Names(prefix=prefix))
+        lab = cls(
+            spec=spec, run_dir=run_dir, names=Names(prefix=prefix), ztunnel_args=tuple(ztunnel_args)
+        )
         lab._save_state()
         try:
             topology.build(spec, lab.names, record=lab._record)
@@ -168,6 +173,7 @@ class Lab:
             raise LabError(f"{path}: state has no spec file")
         lab = cls(spec=spec, run_dir=Path(run_dir), names=Names(prefix=state["prefix"]))
         lab.namespaces = list(state.get("namespaces", []))
+        lab.ztunnel_args = tuple(state.get("ztunnel_args", ()))
         for z in state.get("ztunnels", []):
             lab.ztunnels[z["node"]] = ZtunnelProc(
                 node=z["node"],
@@ -196,6 +202,7 @@ class Lab:
             "prefix": self.names.prefix,
             "spec_file": str(spec_file) if spec_file.exists() else "",
             "namespaces": self.namespaces,
+            "ztunnel_args": list(self.ztunnel_args),
             "ztunnels": [
                 {
                     "node": z.node,
@@ -302,6 +309,7 @@ class Lab:
             "--metrics-port", str(metrics),
             "--readiness-port", str(ready),
             "--log-level", log_level,
+            *self.ztunnel_args,
         ]  # fmt: skip
 
     def start_ztunnel(

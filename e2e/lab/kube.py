@@ -22,7 +22,8 @@ Owns what a cluster would provide around our data plane, so ztunnel runs exactly
   (not captured) exactly as the container says: its command and args, its env with the downward
   API resolved from that Pod, the projected ``istio-ca`` token as a file whose TokenReview says
   "this pod's service account", and the in-cluster control-plane address resolved to the lab's
-  (the lab's "cluster DNS", plaintext); then reports ``readyReplicas`` on the Deployment;
+  (the lab's "cluster DNS"; TLS, verified with the lab CA's root and the manager's IP SAN); then
+  reports ``readyReplicas`` on the Deployment;
 * the kubelet's health-probe path: ``probe(pod, port)`` connects from the node netns with the source
   SNATed to ``169.254.7.127`` (the host rule istio-cni installs: ``nat POSTROUTING -m owner
   --socket-exists -j SNAT``), which the in-pod rules exempt from capture; ``install_probe_snat``
@@ -175,7 +176,14 @@ class KubeLab:
 
     @property
     def xds_address(self) -> str:
-        return f"http://{self.cp_ip}:{XDS_PORT}"
+        # TLS as in a cluster: the manager's self-issued serving certificate carries the lab's
+        # control-plane IP as a SAN, verified with the lab CA's root (root_cert_path).
+        return f"https://{self.cp_ip}:{XDS_PORT}"
+
+    @property
+    def root_cert_path(self) -> Path:
+        """The published root (istio-ca-root-cert's root-cert.pem) clients verify the manager with."""
+        return self.lab.ca_dir / "root-cert.pem"
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -437,6 +445,7 @@ class KubeLab:
             f"--xds-address=0.0.0.0:{XDS_PORT}",
             f"--monitoring-address=0.0.0.0:{MONITORING_PORT}",
             f"--ca-dir={self.lab.ca_dir}",
+            f"--serving-ip={self.cp_ip}",
             f"--mesh-trust-domain={self.lab.spec.trust_domain}",
             f"--trust-domain={self.lab.spec.trust_domain}",
             f"--trusted-node-accounts={ZTUNNEL_NAMESPACE}/{ZTUNNEL_ACCOUNT}",
@@ -486,6 +495,8 @@ class KubeLab:
         return {
             "XDS_ADDRESS": self.xds_address,
             "CA_ADDRESS": self.xds_address,
+            "XDS_ROOT_CA": str(self.root_cert_path),
+            "CA_ROOT_CA": str(self.root_cert_path),
             "NODE_NAME": node,
             "POD_NAME": f"ztunnel-{node}",
             "POD_NAMESPACE": ZTUNNEL_NAMESPACE,
@@ -643,8 +654,8 @@ class KubeLab:
             ):
                 env[key] = self.xds_address  # the lab's "cluster DNS" for the control plane
         env["KUBECONFIG"] = str(self.kubeconfig)  # stands in for the in-cluster service account
-        env.pop("XDS_ROOT_CA", None)  # plaintext in the lab
-        env.pop("CA_ROOT_CA", None)
+        # The mounted istio-ca-root-cert, here the lab CA's root file.
+        env["XDS_ROOT_CA"] = env["CA_ROOT_CA"] = str(self.root_cert_path)
         command = list(container.get("command") or [])
         if command[:1] != ["waypoint"]:
             raise KubeLabError(f"waypoint Deployment runs {command}, not the waypoint command")

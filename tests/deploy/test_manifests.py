@@ -445,6 +445,34 @@ def test_waypoint_pods_dial_what_ztunnel_dials() -> None:
     )
 
 
+def test_manager_issues_its_serving_certificate_for_the_names_clients_verify() -> None:
+    """TLS by default from the mounted CA: no serving-certificate Secret, no plaintext."""
+    from waypoint import cli
+    from waypoint.controlplane.cli import serving_names
+
+    args = cli.parse_manager_args(
+        ["manager", *(a for a in MANAGER_CONTAINER["args"][1:] if "$(" not in a)]
+    )
+    assert not args.plaintext
+    assert args.tls_cert_chain is None
+    assert args.tls_key is None
+    mounts = {m["mountPath"]: m for m in MANAGER_CONTAINER["volumeMounts"]}
+    assert str(args.ca_dir) in mounts
+    assert mounts[str(args.ca_dir)]["readOnly"]
+    secrets = [
+        v["secret"]["secretName"]
+        for v in MANAGER["spec"]["template"]["spec"]["volumes"]
+        if "secret" in v
+    ]
+    assert secrets == ["cacerts"]  # the CA only; the serving certificate is issued from it
+    dns, ips = serving_names(args)
+    assert ips == []
+    for var in ("XDS_ADDRESS", "CA_ADDRESS"):
+        host = urlsplit(ENV[var]["value"]).hostname
+        assert host in dns, f"{var} host {host} is not a SAN of the serving certificate"
+        assert ENV[var.replace("ADDRESS", "ROOT_CA")]["value"].startswith("/var/run/secrets/istio/")
+
+
 def _manager_grants() -> dict[tuple[str, str], set[str]]:
     account = MANAGER["spec"]["template"]["spec"]["serviceAccountName"]
     granted: dict[tuple[str, str], set[str]] = {}

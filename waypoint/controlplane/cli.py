@@ -2,11 +2,19 @@
 
 Owns `add_arguments(parser)` / `check_arguments(parser, args)` (the control-plane flags, which
 `waypoint manager` includes), `run(args, ...)` (start the control plane: watches -> xDS on
-`--xds-address`, the Istio CA on the same gRPC port; run the waypoint controller only while this
+`--xds-address`, the Istio CA on the same gRPC port, over TLS; run the waypoint controller only while this
 replica holds the Lease; report what runs through a `RunStatus`) and `main()`
 (`python -m waypoint.controlplane.cli`, the control plane alone, without the waypoint controller).
 `waypoint manager` (waypoint/cli.py) passes its `WatchCache` in so the controller and the control
 plane share one watch per kind. Decisions live elsewhere.
+
+Serving TLS: with `--tls-cert-chain/--tls-key` the given files; else, with a CA (`--ca-dir`), a
+short-lived ECDSA P-256 certificate for `--serving-dns-names`/`--serving-ip` that the process
+issues itself from that CA (as istiod does for its DNS certificate), so clients verify it with the
+published root (istio-ca-root-cert) and the server name. `ServingCertRotator` renews it at
+half-life and hot-swaps it through gRPC's dynamic server credentials: new handshakes get the new
+certificate, established xDS streams and the server's state stay untouched (no listener restart).
+`--plaintext` (or no CA directory: an in-memory CA whose root nobody mounts) serves plaintext.
 """
 
 from __future__ import annotations
@@ -14,13 +22,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +56,19 @@ from waypoint.controlplane.translate import (
 from waypoint.manager.controller import WatchCache
 from waypoint.manager.kube import KubeApi
 from ztunnel.config import DEFAULT_TRUST_DOMAIN
-from ztunnel.identity.ca import LocalCa
+from ztunnel.identity.ca import LocalCa, ServingCertificate, check_dns_name, utc_now
 
 log = logging.getLogger("waypoint.controlplane")
 
 # Something with start()/stop(): the waypoint controller (waypoint.manager.controller.WaypointManager).
 Startable = Callable[[], Coroutine[Any, Any, None]]
+
+# The Service of deploy/controlplane/service.yaml, short and fully qualified (ztunnels dial the
+# short name; ALT_XDS_HOSTNAME may pick either).
+DEFAULT_SERVING_DNS_NAMES = (
+    "ambient-controlplane.ambient-system.svc,ambient-controlplane.ambient-system.svc.cluster.local"
+)
+DEFAULT_SERVING_TTL_SECONDS = 24 * 3600
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +84,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tls-cert-chain", type=Path, default=None, help="serving certificate chain PEM"
     )
     g.add_argument("--tls-key", type=Path, default=None, help="serving private key PEM")
+    g.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="serve xDS and the CA without TLS (tests, labs); default: TLS",
+    )
+    g.add_argument(
+        "--serving-dns-names",
+        default=env("SERVING_DNS_NAMES", DEFAULT_SERVING_DNS_NAMES),
+        help="DNS SANs (comma-separated) of the serving certificate issued from --ca-dir",
+    )
+    g.add_argument(
+        "--serving-ip",
+        action="append",
+        default=[],
+        help="an IP SAN of the issued serving certificate (repeatable)",
+    )
+    g.add_argument(
+        "--serving-cert-ttl",
+        type=float,
+        default=DEFAULT_SERVING_TTL_SECONDS,
+        help="lifetime in seconds of the issued serving certificate (renewed at half-life)",
+    )
     g.add_argument(
         "--ca-dir",
         type=Path,
@@ -117,6 +157,14 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     """Reject flag combinations `run` cannot honour (exits through `parser.error`)."""
     if (args.tls_cert_chain is None) != (args.tls_key is None):
         parser.error("--tls-cert-chain and --tls-key go together")
+    if getattr(args, "plaintext", False) and args.tls_cert_chain is not None:
+        parser.error("--plaintext and --tls-cert-chain/--tls-key exclude each other")
+    try:
+        serving_names(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if getattr(args, "serving_cert_ttl", DEFAULT_SERVING_TTL_SECONDS) < 2:
+        parser.error(f"--serving-cert-ttl {args.serving_cert_ttl}: must be at least 2 seconds")
     try:
         parse_node_accounts(args.trusted_node_accounts)
     except ValueError as err:
@@ -149,6 +197,8 @@ class RunStatus:
     elector: LeaderElector | None = None
     roots: Callable[[], bytes] | None = None
     """The CA's current trusted roots (PEM), once the CA is loaded; published by the manager."""
+    serving_cert: ServingCertRotator | None = None
+    """The self-issued serving certificate (None: plaintext or --tls-cert-chain files)."""
     controller_running: bool = False
     """True between the controller's start and stop (always, without leader election)."""
     serving: asyncio.Event = field(default_factory=asyncio.Event)
@@ -168,6 +218,98 @@ async def api_client(kubeconfig: str | None, context: str | None = None) -> k8s.
     else:
         k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     return k8s.ApiClient(configuration)
+
+
+def serving_names(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The checked DNS and IP SANs of the issued serving certificate; ValueError names the flag."""
+    text = getattr(args, "serving_dns_names", DEFAULT_SERVING_DNS_NAMES)
+    dns: list[str] = []
+    for name in (n.strip() for n in text.split(",")):
+        if not name:
+            continue
+        try:
+            dns.append(check_dns_name(name))
+        except ValueError as err:
+            raise ValueError(f"--serving-dns-names: {err}") from None
+    if not dns:
+        raise ValueError("--serving-dns-names: no DNS name given")
+    ips: list[str] = []
+    for ip in getattr(args, "serving_ip", []) or []:
+        try:
+            ips.append(str(ipaddress.ip_address(ip.strip())))
+        except ValueError:
+            raise ValueError(f"--serving-ip {ip!r}: not an IP address") from None
+    return dns, ips
+
+
+class ServingCertRotator:
+    """The control plane's own serving certificate, issued from its CA and renewed at half-life.
+
+    `credentials()` are gRPC dynamic server credentials: gRPC asks `_fetch` at each new TLS
+    handshake, and gets the renewed certificate once after each renewal (None otherwise, meaning
+    "keep the current one"). Swapping credentials instead of restarting the listener keeps the
+    server, its xDS sessions and their pushed state; open streams keep their old (still valid)
+    certificate until they reconnect.
+    """
+
+    def __init__(
+        self,
+        ca: LocalCa,
+        dns_names: Sequence[str],
+        ip_addresses: Sequence[str] = (),
+        *,
+        ttl: timedelta = timedelta(seconds=DEFAULT_SERVING_TTL_SECONDS),
+    ) -> None:
+        self._ca = ca
+        self._dns = list(dns_names)
+        self._ips = list(ip_addresses)
+        self._ttl = ttl
+        self.current: ServingCertificate = self._issue()
+        self.renewals = 0
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self._lock = threading.Lock()  # _fetch runs on gRPC core threads
+
+    def _issue(self) -> ServingCertificate:
+        cert = self._ca.issue_serving(self._dns, self._ips, self._ttl)
+        log.info("serving certificate %r issued", cert)
+        return cert
+
+    @staticmethod
+    def _config(cert: ServingCertificate) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(cert.key_pem, cert.chain_pem)])
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self._config(self.current), self._fetch)
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by gRPC core (any thread) before a handshake: hand over a renewal exactly once.
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return pending
+
+    def renew(self) -> ServingCertificate:
+        """Issue a new certificate now; handshakes from now on present it."""
+        cert = self._issue()
+        config = self._config(cert)
+        with self._lock:
+            self.current = cert
+            self._pending = config
+        self.renewals += 1
+        return cert
+
+    async def run(self, stop: asyncio.Event, *, retry: float = 5.0) -> None:
+        """Renew at each half-life until `stop` is set (failures retried every `retry` s)."""
+        while not stop.is_set():
+            delay = max(0.0, (self.current.refresh_at() - utc_now()).total_seconds())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+                return
+            try:
+                self.renew()
+            except Exception:  # keep serving the old certificate; try again soon
+                log.exception("serving certificate renewal failed; retrying in %.0fs", retry)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), retry)
 
 
 def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
@@ -203,6 +345,7 @@ async def run(
     status = status if status is not None else RunStatus()
     plane: ControlPlane | None = None
     controller_task: asyncio.Task[None] | None = None
+    rotator_task: asyncio.Task[None] | None = None
 
     async def started() -> None:
         nonlocal controller_task
@@ -249,6 +392,12 @@ async def run(
                 ca = LocalCa.generate(args.mesh_trust_domain)
             status.roots = ca.roots_pem
             credentials = _server_credentials(args)
+            plaintext = bool(getattr(args, "plaintext", False))
+            if credentials is None and args.ca_dir is not None and not plaintext:
+                dns, ips = serving_names(args)
+                ttl = getattr(args, "serving_cert_ttl", DEFAULT_SERVING_TTL_SECONDS)
+                status.serving_cert = ServingCertRotator(ca, dns, ips, ttl=timedelta(seconds=ttl))
+                credentials = status.serving_cert.credentials()
             await plane.start()
             authenticator = TokenReviewAuthenticator(
                 raw,
@@ -263,10 +412,17 @@ async def run(
                 ),
             )
             if credentials is None:
-                log.warning("xDS and CA served in plaintext (no --tls-cert-chain/--tls-key)")
+                log.warning(
+                    "xDS and CA served in plaintext (%s)",
+                    "--plaintext" if plaintext else "no --ca-dir and no --tls-cert-chain",
+                )
             status.ca = plane.ca_service(ca, authenticator)
             port = await plane.serve(args.xds_address, ca=status.ca, credentials=credentials)
             status.port = port
+            if status.serving_cert is not None:
+                rotator_task = asyncio.create_task(
+                    status.serving_cert.run(stop), name="serving-cert-renewal"
+                )
             log.info("control plane serving xDS and CA on port %d", port)
             status.serving.set()
             if on_serving is not None:
@@ -290,6 +446,10 @@ async def run(
                 await started()
         await stop.wait()
     finally:
+        if rotator_task is not None:
+            rotator_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await rotator_task
         if elector_task is not None:
             # Cancelling the elector stops the controller (on_stopped) and releases the Lease,
             # so a standby takes over without waiting for it to expire.

@@ -10,13 +10,18 @@ Owns:
 * ``CaClient``: the async signing interface (the gRPC Istio CA client and ``LocalCaClient`` implement it).
 * ``LocalCa``: an in-memory/on-disk CA for the lab and tests, with root rotation; ``LocalCaClient``
   puts it behind ``CaClient`` with fault injection.
+* ``ServingCertificate`` / ``LocalCa.issue_serving``: a server-auth leaf with DNS/IP SANs for the
+  control plane's own gRPC endpoint (as istiod's DNS certificate); kept apart from SPIFFE issuance,
+  which stays strict (exactly one URI SAN).
 
 No sockets, no asyncio, no ssl: pure ``cryptography`` code, time passed in through a clock.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -35,6 +40,10 @@ from ztunnel.identity.spiffe import SpiffeId, SpiffeIdError
 
 DEFAULT_WORKLOAD_TTL = timedelta(hours=24)
 DEFAULT_ROOT_TTL = timedelta(days=3650)
+DEFAULT_SERVING_TTL = timedelta(hours=24)
+
+# RFC 1123 host name label (no wildcards: the control plane serves exact names).
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 Clock = Callable[[], datetime]
 
@@ -84,6 +93,41 @@ class WorkloadCertificate:
             f"WorkloadCertificate(identity={self.identity}, serial={self.serial:#x}, "
             f"not_before={self.not_before.isoformat()}, not_after={self.not_after.isoformat()})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ServingCertificate:
+    """A server certificate for the control plane's endpoint (DNS/IP SANs, server auth only)."""
+
+    dns_names: tuple[str, ...]
+    ip_addresses: tuple[str, ...]
+    chain_pem: bytes  # leaf first, then intermediates (PEM), no roots
+    key_pem: bytes  # PKCS#8 PEM, unencrypted; lives in memory only
+    roots_pem: bytes  # every trusted root, concatenated PEM (what clients verify with)
+    not_before: datetime
+    not_after: datetime
+    serial: int
+
+    def refresh_at(self) -> datetime:
+        """When to renew: at half-life, leaving the other half for retries."""
+        return self.not_before + (self.not_after - self.not_before) / 2
+
+    def __repr__(self) -> str:
+        return (
+            f"ServingCertificate(dns_names={list(self.dns_names)}, serial={self.serial:#x}, "
+            f"not_after={self.not_after.isoformat()})"
+        )
+
+
+def check_dns_name(name: str) -> str:
+    """`name` lower-cased if it is a valid DNS host name (RFC 1123, no wildcard); else ValueError."""
+    host = name.strip().lower().rstrip(".")
+    if not host or len(host) > 253:
+        raise ValueError(f"DNS name {name!r}: empty or longer than 253 characters")
+    for label in host.split("."):
+        if not _DNS_LABEL.match(label):
+            raise ValueError(f"DNS name {name!r}: label {label!r} is not a RFC 1123 host label")
+    return host
 
 
 class CaClient(Protocol):
@@ -544,6 +588,53 @@ class LocalCa:
         chain = self.sign_csr(csr_pem, identity, ttl, not_before=not_before)
         return certificate_from_chain(identity, key_pem, chain)
 
+    def issue_serving(
+        self,
+        dns_names: Sequence[str],
+        ip_addresses: Sequence[str] = (),
+        ttl: timedelta = DEFAULT_SERVING_TTL,
+        *,
+        not_before: datetime | None = None,
+    ) -> ServingCertificate:
+        """A fresh ECDSA P-256 key and a server-auth leaf for `dns_names` (and `ip_addresses`).
+
+        For the control plane's own gRPC endpoint, as istiod signs its DNS certificate with its CA:
+        clients verify it with ``roots_pem()`` and the server name. Never carries a URI SAN, so it is
+        no workload identity. Bad names raise ``ValueError`` naming the name.
+        """
+        if ttl <= timedelta(0):
+            raise ValueError(f"serving certificate TTL must be positive, got {ttl}")
+        hosts = tuple(dict.fromkeys(check_dns_name(n) for n in dns_names))
+        if not hosts:
+            raise ValueError("serving certificate needs at least one DNS name")
+        ips: list[str] = []
+        for text in ip_addresses:
+            try:
+                ips.append(str(ipaddress.ip_address(text.strip())))
+            except ValueError:
+                raise ValueError(f"serving IP {text!r} is not an IP address") from None
+        names: list[x509.GeneralName] = [x509.DNSName(h) for h in hosts]
+        names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in dict.fromkeys(ips)]
+        key = _new_key()
+        chain = self._issue_for_key(
+            key.public_key(), names, ttl, not_before, usages=(ExtendedKeyUsageOID.SERVER_AUTH,)
+        )
+        leaf = x509.load_pem_x509_certificate(chain[0])
+        return ServingCertificate(
+            dns_names=hosts,
+            ip_addresses=tuple(dict.fromkeys(ips)),
+            chain_pem=b"".join(chain[:-1]),
+            key_pem=key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+            roots_pem=chain[-1],
+            not_before=leaf.not_valid_before_utc,
+            not_after=leaf.not_valid_after_utc,
+            serial=leaf.serial_number,
+        )
+
     def issue_unchecked(
         self,
         names: Sequence[x509.GeneralName],
@@ -579,6 +670,11 @@ class LocalCa:
         names: list[x509.GeneralName],
         ttl: timedelta,
         not_before: datetime | None,
+        *,
+        usages: Sequence[x509.ObjectIdentifier] = (
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+        ),
     ) -> list[bytes]:
         start = (not_before or self._clock()).astimezone(UTC).replace(microsecond=0)
         signer = self._signer
@@ -605,12 +701,7 @@ class LocalCa:
                 ),
                 critical=True,
             )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
+            .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.key.public_key()),
                 critical=False,

@@ -14,6 +14,12 @@ Owns the per-pod life cycle that Istio splits between istio-cni and ztunnel's in
   converging meanwhile), then its rules are removed (ignored if the netns is already gone, or if a
   pod came back into that netns while it drained); its netns changed (sandbox recreated) or its
   identity changed: stop (drain included), then start;
+* every ``recheck_interval`` seconds (``recheck``; default 30 s) each Up pod is looked at again,
+  one at a time, off the event loop (``to_thread``): its capture rules are verified and any drift
+  (a rule deleted by hand, a flushed table) is repaired and counted (``rules_repaired_total``); a
+  netns path that now names a different (dev, inode) (the sandbox was recreated at the same path,
+  which Istio keys netns by) restarts the pod: stop, then start in the new netns. Rechecks never
+  overlap: one that finds another still running is skipped;
 * ``stop()`` (ztunnel shutting down) drains every pod but leaves the rules in place: a pod with
   rules and no listener fails closed, and the next ztunnel adopts it.
 
@@ -34,9 +40,9 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from netfilter import InpodConfig, NetfilterError, PodNetfilter
 from ztunnel.config import INPOD_MARK
@@ -51,6 +57,9 @@ log = logging.getLogger(__name__)
 
 READINESS_TASK = "workload proxy manager"
 DEFAULT_RETRY_INTERVAL = 5.0
+DEFAULT_RECHECK_INTERVAL = 30.0
+
+_Outcome = Literal["ok", "repaired", "moved", "failed"]
 
 
 class PodProxies(Protocol):
@@ -108,6 +117,16 @@ class RuleProgrammer(Protocol):
     def unprogram(self, netns: str, cfg: InpodConfig) -> object: ...
 
 
+class RuleVerifier(Protocol):
+    """Optional on a ``RuleProgrammer``: read-only drift check (``PodNetfilter.verify`` fits).
+
+    The recheck uses it when present (a pure read each interval, writes only on drift); without
+    it the recheck calls ``program``, which is idempotent and writes only what differs.
+    """
+
+    def verify(self, netns: str, cfg: InpodConfig) -> Sequence[object]: ...
+
+
 class CertPrefetcher(Protocol):
     """``CertificateManager`` fits: start fetching an identity's certificate in the background."""
 
@@ -154,7 +173,28 @@ class AgentStats:
     rules_changed: int = 0
     """Starts that had to write rules (fresh pod or drift); adopted pods with intact rules don't."""
     reconciles: int = 0
+    rechecks: int = 0
+    """Completed periodic rechecks (skipped ones, which found a recheck running, not counted)."""
+    rechecks_skipped: int = 0
+    rules_repaired: int = 0
+    """Pods whose rules a recheck found drifted and rewrote."""
+    recheck_failures: int = 0
+    """Pod rechecks that could not verify or repair (netns gone, netfilter error)."""
+    netns_changed: int = 0
+    """Up pods whose netns path a recheck found pointing at a new (dev, inode): restarted."""
     last_error: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecheckResult:
+    """What one ``recheck`` pass did (uids)."""
+
+    skipped: bool = False
+    """Another recheck was still running: this one did nothing."""
+    checked: tuple[str, ...] = ()
+    repaired: tuple[str, ...] = ()
+    restarted: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
 
 
 class NodeAgent:
@@ -171,6 +211,7 @@ class NodeAgent:
         inpod: InpodConfig | None = None,
         readiness: Readiness | None = None,
         retry_interval: float = DEFAULT_RETRY_INTERVAL,
+        recheck_interval: float | None = DEFAULT_RECHECK_INTERVAL,
         socket_factory: Callable[[str], SocketFactory] | None = None,
         netns_id_of: Callable[[str], NetnsId | None] = netns_id,
         local_pods: LocalPods | None = None,
@@ -183,6 +224,10 @@ class NodeAgent:
         self.inpod = inpod or InpodConfig()
         self.readiness = readiness
         self.retry_interval = retry_interval
+        if recheck_interval is not None and recheck_interval < 0:
+            raise ValueError(f"node agent: recheck_interval {recheck_interval!r} must be >= 0")
+        # None or 0: no periodic recheck (rules are then verified only on start/adoption).
+        self.recheck_interval = recheck_interval or None
         self._socket_factory = socket_factory or _netns_factory
         self._netns_id_of = netns_id_of
         self.local_pods: LocalPods = local_pods or StoreLocalPods()
@@ -191,6 +236,8 @@ class NodeAgent:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._recheck_task: asyncio.Task[None] | None = None
+        self._rechecking = False  # a recheck pass is running (no overlap)
         self._unsubscribe: list[Callable[[], None]] = []
         self._removals: set[asyncio.Task[None]] = set()  # removed pods: drain, then rules
         self._draining: dict[str, asyncio.Task[None]] = {}  # uid -> its drain (part of a removal)
@@ -208,6 +255,10 @@ class NodeAgent:
         ]
         result = await self.reconcile()
         self._task = asyncio.create_task(self._loop(), name=f"node-agent:{self.node}")
+        if self.recheck_interval is not None:
+            self._recheck_task = asyncio.create_task(
+                self._recheck_loop(self.recheck_interval), name=f"node-agent:recheck:{self.node}"
+            )
         return result
 
     async def stop(self, *, remove_rules: bool = False) -> None:
@@ -215,11 +266,12 @@ class NodeAgent:
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe = []
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in (self._recheck_task, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._recheck_task = None
         async with self._lock:
             uids = list(self._pods)
             await asyncio.gather(
@@ -253,6 +305,94 @@ class NodeAgent:
             except Exception as exc:  # keep following the store whatever one pass did
                 self.stats.last_error = str(exc)
                 log.exception("node agent: reconcile failed")
+
+    async def _recheck_loop(self, interval: float) -> None:
+        # Sleep *after* each pass: a slow pass delays the next one instead of stacking up.
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.recheck()
+            except Exception as exc:  # keep rechecking whatever one pass did
+                self.stats.last_error = f"recheck: {exc}"
+                log.exception("node agent: recheck failed")
+
+    # --- recheck ---------------------------------------------------------------------------
+
+    async def recheck(self) -> RecheckResult:
+        """Look at every Up pod again, one at a time: repair drifted rules, restart a pod whose
+        netns was recreated. Skipped (``skipped=True``) if a recheck is already running."""
+        if self._rechecking:
+            self.stats.rechecks_skipped += 1
+            return RecheckResult(skipped=True)
+        self._rechecking = True
+        try:
+            checked: list[str] = []
+            outcomes: dict[str, list[str]] = {"repaired": [], "moved": [], "failed": [], "ok": []}
+            for uid in sorted(self._pods):
+                pod = self._pods.get(uid)
+                if pod is None or not pod.up or pod.workload.netns is None:
+                    continue  # gone meanwhile, or pending (the retry loop owns those)
+                checked.append(uid)
+                outcomes[await self._recheck_pod(uid, pod, pod.workload.netns)].append(uid)
+            moved = outcomes["moved"]
+            if moved:
+                # The plan sees the new (dev, inode) and restarts these pods: stop, then start.
+                await self.reconcile()
+            self.stats.rechecks += 1
+            return RecheckResult(
+                checked=tuple(checked),
+                repaired=tuple(outcomes["repaired"]),
+                restarted=tuple(u for u in moved if (p := self._pods.get(u)) and p.up),
+                failed=tuple(outcomes["failed"]),
+            )
+        finally:
+            self._rechecking = False
+
+    async def _recheck_pod(self, uid: str, pod: _Pod, netns: str) -> _Outcome:
+        """``ok`` | ``repaired`` | ``moved`` (netns recreated) | ``failed``."""
+        nsid = await asyncio.to_thread(self._netns_id_of, netns)
+        if nsid is None:
+            # The sandbox is gone but the pod is still wanted: its removal or a new netns will
+            # come through the store/provider; nothing to repair in a missing netns.
+            log.warning("node %s: recheck of pod %s: netns %s is missing", self.node, uid, netns)
+            self.stats.recheck_failures += 1
+            return "failed"
+        if pod.netns_id is not None and nsid != pod.netns_id:
+            log.warning(
+                "node %s: pod %s: netns %s was recreated (dev/inode %s -> %s): restarting",
+                self.node,
+                uid,
+                netns,
+                pod.netns_id,
+                nsid,
+            )
+            self.stats.netns_changed += 1
+            return "moved"
+        try:
+            verify = getattr(self.rules, "verify", None)
+            if callable(verify):
+                drifts = list(await asyncio.to_thread(verify, netns, self.inpod))
+                if not drifts:
+                    return "ok"
+            async with self._lock:
+                # Under the lock: a reconcile may have stopped, removed or restarted the pod
+                # while we read; only the pod we looked at, still Up, gets its rules rewritten.
+                if self._pods.get(uid) is not pod or not pod.up:
+                    return "ok"
+                fixed = await asyncio.to_thread(self.rules.program, netns, self.inpod)
+        except Exception as exc:
+            self.stats.recheck_failures += 1
+            self.stats.last_error = f"{uid}: recheck: {type(exc).__name__}: {exc}"
+            log.warning("node %s: recheck of pod %s (%s) failed: %s", self.node, uid, netns, exc)
+            return "failed"
+        if not fixed:
+            return "ok"  # repaired meanwhile (or verify saw a transient state)
+        self.stats.rules_repaired += 1
+        what = "; ".join(map(str, fixed)) if isinstance(fixed, list | tuple) else str(fixed)
+        log.warning(
+            "node %s: pod %s: rules drifted in %s, repaired: %s", self.node, uid, netns, what
+        )
+        return "repaired"
 
     # --- reconcile -------------------------------------------------------------------------
 
@@ -448,6 +588,10 @@ class NodeAgent:
             "rules_changed_total": self.stats.rules_changed,
             "reconciles_total": self.stats.reconciles,
             "draining_proxy_count": len(self._removals),
+            "rechecks_total": self.stats.rechecks,
+            "rules_repaired_total": self.stats.rules_repaired,
+            "recheck_failures_total": self.stats.recheck_failures,
+            "netns_changed_total": self.stats.netns_changed,
         }
 
 

@@ -212,14 +212,14 @@ def test_deployment_ports_and_probes_match_the_process() -> None:
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-monitoring"}
 
 
-def test_deployment_mounts_the_ca_and_serving_cert_read_only() -> None:
+def test_deployment_mounts_the_ca_read_only_and_issues_its_serving_cert() -> None:
     pod, container, args = _deployment_args()
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert all(m.get("readOnly") is True for m in mounts.values())
     cacerts = mounts[str(args.ca_dir)]
     assert volumes[cacerts["name"]]["secret"]["secretName"] == "cacerts"
-    for path in (args.tls_cert_chain, args.tls_key):
-        mount = mounts[str(path.parent)]
-        assert volumes[mount["name"]]["secret"]["secretName"] == "controlplane-tls"
-    assert {path.name for path in (args.tls_cert_chain, args.tls_key)} == {"tls.crt", "tls.key"}
+    # The serving certificate is issued from the CA by the process (no Secret for it), over TLS.
+    assert args.tls_cert_chain is None
+    assert args.tls_key is None
+    assert not args.plaintext

@@ -159,11 +159,7 @@ def make_csr(identity: SpiffeId) -> tuple[bytes, bytes]:
         )
         .sign(key, hashes.SHA256())
     )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    key_pem = _pkcs8_pem(key)
     return key_pem, csr.public_bytes(serialization.Encoding.PEM)
 
 
@@ -295,6 +291,15 @@ class _Signer:
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pkcs8_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A private key as unencrypted PKCS#8 PEM (kept in memory; written to disk only by ``save``)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 def _ca_cert(
@@ -463,11 +468,7 @@ class LocalCa:
         """Write the CA in Istio's plug-in layout; the key file is created 0600."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        key_pem = self._signer.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        key_pem = _pkcs8_pem(self._signer.key)
         _write_private(directory / "ca-key.pem", key_pem)
         (directory / "ca-cert.pem").write_bytes(_pem(self._signer.cert))
         chain = [*self._signer.chain] if self._intermediate else []
@@ -624,11 +625,7 @@ class LocalCa:
             dns_names=hosts,
             ip_addresses=tuple(dict.fromkeys(ips)),
             chain_pem=b"".join(chain[:-1]),
-            key_pem=key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
+            key_pem=_pkcs8_pem(key),
             roots_pem=chain[-1],
             not_before=leaf.not_valid_before_utc,
             not_after=leaf.not_valid_after_utc,
@@ -653,11 +650,7 @@ class LocalCa:
         return WorkloadCertificate(
             identity=identity or SpiffeId(self.trust_domain, "invalid", "invalid"),
             chain_pem=b"".join(chain[:-1]),
-            key_pem=key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
+            key_pem=_pkcs8_pem(key),
             roots_pem=chain[-1],
             not_before=leaf.not_valid_before_utc,
             not_after=leaf.not_valid_after_utc,
